@@ -222,45 +222,45 @@ def _why_dropped(text: str, patterns: Iterable[re.Pattern[str]]) -> str | None:
 _RAW_TOKEN = re.compile(r"\\u[0-9a-fA-F]{4}|\\.|[^\\]+", re.S)
 
 
-def _split_raw_lines(raw: str) -> list[str]:
-    """Split a JSON string literal's raw text at its newline escapes (`\\n`, `\\u000a`)."""
-    lines, current = [], []
+def _split_raw_lines(raw: str) -> tuple[list[str], list[str]]:
+    """A JSON string literal's raw text split at its newline escapes (`\\n`, `\\u000a`).
+
+    Returns the raw lines and the escape that followed each one but the last.
+    """
+    lines, seps, current = [], [], []
     for m in _RAW_TOKEN.finditer(raw):
         token = m.group(0)
         if token == "\\n" or token.lower() == "\\u000a":
             lines.append("".join(current))
+            seps.append(token)
             current = []
         else:
             current.append(token)
     lines.append("".join(current))
-    return lines
+    return lines, seps
 
 
 def _strip_string_system(text: str, span: jsonedit.Span, patterns: list[re.Pattern[str]]) -> tuple[str, list[Dropped]]:
-    value = json.loads(text[span.start : span.end])
-    lines = value.split("\n")
+    lines = json.loads(text[span.start : span.end]).split("\n")
     dropped: list[Dropped] = []
-    kept: list[str] = []
+    drop_idx: set[int] = set()
     for n, line in enumerate(lines):
         reason = _why_dropped(line, patterns) if line.strip() else None
-        if reason is None:
-            kept.append(line)
-        else:
+        if reason is not None:
+            drop_idx.add(n)
             dropped.append(Dropped(where=f"system:line {n + 1}", text=line, reason=reason))
     if not dropped:
         return text, []
-    new_value = "\n".join(kept)
-    # Keep the client's own escaping where we can: cut the dropped lines out of the raw literal
-    # and check the result decodes to what we want; otherwise re-encode this one string.
-    raw_lines = _split_raw_lines(text[span.start + 1 : span.end - 1])
+    kept = [n for n in range(len(lines)) if n not in drop_idx]
+    new_value = "\n".join(lines[n] for n in kept)
+    # Keep the client's own escaping: cut the dropped lines out of the raw literal (each kept line
+    # keeps the escape that followed it) and check it decodes to what we want; if the literal
+    # spells newlines in a way we do not split on, re-encode this one string instead.
+    raw_lines, seps = _split_raw_lines(text[span.start + 1 : span.end - 1])
     if len(raw_lines) == len(lines):
-        dropped_idx = {int(d.where.rsplit(" ", 1)[1]) - 1 for d in dropped}
-        candidate = '"' + "\\n".join(r for n, r in enumerate(raw_lines) if n not in dropped_idx) + '"'
-        try:
-            if json.loads(candidate) == new_value:
-                return jsonedit.replace_span(text, span, candidate), dropped
-        except ValueError:
-            pass
+        candidate = '"' + "".join(raw_lines[n] + (seps[n] if k + 1 < len(kept) else "") for k, n in enumerate(kept)) + '"'
+        if json.loads(candidate) == new_value:
+            return jsonedit.replace_span(text, span, candidate), dropped
     return jsonedit.replace_span(text, span, json.dumps(new_value, ensure_ascii=False)), dropped
 
 
