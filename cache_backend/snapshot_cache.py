@@ -1,0 +1,81 @@
+"""The engine's prefix cache: the snapshot store (memory + disk) behind the PrefixCache seam.
+
+Decides where snapshots are taken (end of system + tools, end of prompt, after generation) and
+which one a new prompt restores from; the store decides what is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mlx_lm.models.cache import make_prompt_cache
+
+from cache_backend.kv_disk import DiskTier, model_fingerprint
+from cache_backend.kv_snapshots import SnapshotStore
+from cache_backend.prefix_cache import PrefixCache, Restored, SaveKind
+from cache_backend.render import RenderedPrompt
+
+log = logging.getLogger("ccwarm.snapshot_cache")
+
+
+class SnapshotCache(PrefixCache):
+    def __init__(self, memory_budget: int, disk_dir: Path | None = None, disk_budget: int = 0,
+                 model_dir: Path | None = None) -> None:
+        disk = None
+        if disk_dir is not None and disk_budget > 0 and model_dir is not None:
+            disk = DiskTier(disk_dir, model_fingerprint(model_dir), disk_budget)
+        self.store = SnapshotStore(memory_budget=memory_budget, disk=disk)
+        self._prefix_end = 0
+
+    def restore(self, model: Any, prompt: RenderedPrompt) -> Restored:
+        self._prefix_end = prompt.prefix_end
+        # A snapshot file may turn out unreadable (it is then removed): look again.
+        for _ in range(4):
+            hit = self.store.lookup(prompt.tokens)
+            if hit is None:
+                break
+            layers = self.store.restore(hit)
+            if layers is not None:
+                return Restored(cache=layers, n_restored=hit.length)
+        return Restored(cache=make_prompt_cache(model), n_restored=0)
+
+    def checkpoints(self, prompt: RenderedPrompt, n_restored: int) -> Sequence[int]:
+        # The system + tools boundary is what every later request of any conversation shares.
+        if n_restored < prompt.prefix_end < len(prompt.tokens):
+            return (prompt.prefix_end,)
+        return ()
+
+    def save(self, tokens: Sequence[int], cache: list[Any], kind: SaveKind) -> None:
+        protected = self._prefix_end if 0 < self._prefix_end <= len(tokens) else 0
+        self.store.put(tokens, cache, conversation=kind, protected=protected)
+
+    def flush(self) -> None:
+        if self.store.disk is not None:
+            self.store.disk.flush()
+
+    def close(self) -> None:
+        if self.store.disk is not None:
+            self.store.disk.close()
+
+    def stats(self) -> dict[str, int]:
+        s = self.store.stats()
+        disk = self.store.disk
+        return {
+            "snapshots": s.snapshots,
+            "disk_snapshots": len(disk.entries()) if disk else 0,
+            "memory_bytes": s.memory_bytes,
+            "memory_budget_bytes": self.store.memory_budget,
+            "disk_bytes": disk.disk_bytes if disk else 0,
+            "disk_budget_bytes": disk.budget if disk else 0,
+            "evictions": s.evictions,
+            "superseded": s.superseded,
+            "truncations": s.truncations,
+            "bad_files_removed": disk.removed_bad if disk else 0,
+        }
+
+    def describe(self) -> str:
+        where = f", disk {self.store.disk.dir}" if self.store.disk else ""
+        return f"SnapshotCache(memory {self.store.memory_budget / 2**20:.0f} MiB{where})"
