@@ -1,0 +1,111 @@
+"""`python -m cache_backend` / `ccwarm-server`: load a model and serve the Anthropic Messages API.
+
+Why a separate entry module: argument parsing, model loading and process setup (logging,
+uvicorn) are kept out of the app so tests and other tools can build the app from parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("cache_backend")
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("CCWARM_CACHE_DIR", "~/.cache/ccwarm")).expanduser()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ccwarm-server", description="Anthropic Messages API server on mlx-lm.")
+    ap.add_argument("--model", help="mlx-lm model directory or Hugging Face repo id (default: SmolLM2-135M-Instruct, converted on first use)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the default model and caches live (default: %(default)s)")
+    ap.add_argument("--max-output-tokens", type=int, default=None, help="server cap applied on top of each request's max_tokens")
+    ap.add_argument("--api-key", default=None, help="if set, require this key (x-api-key or Authorization: Bearer)")
+    ap.add_argument("--max-context", type=int, default=None, help="prompt length limit in tokens (default: the model's max_position_embeddings)")
+    ap.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before an SSE ping (default: %(default)s)")
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill step; cancellation and pings interleave between steps")
+    ap.add_argument("--structured-deadline", type=float, default=60.0, help="seconds allowed for a json_schema (structured output) request")
+    ap.add_argument("--log-level", default="INFO")
+    test = ap.add_argument_group("test-only options (never use in production)")
+    test.add_argument("--test-forced-replies", type=Path, default=None, metavar="FILE",
+                      help="TEST ONLY: JSON list of {when, reply} entries decoded by forcing tokens (see cache_backend/scripted.py)")
+    test.add_argument("--test-prefill-delay", type=float, default=0.0, metavar="SECONDS",
+                      help="TEST ONLY: sleep this long after every prefill chunk, to simulate a slow prefill")
+    return ap
+
+
+def _context_limit(config: dict[str, Any]) -> int | None:
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
+            v = cfg.get(key)
+            if isinstance(v, int) and v > 0:
+                return v
+    return None
+
+
+def _served_name(model: str) -> str:
+    p = Path(model)
+    return p.name if p.exists() else model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    model_ref = args.model
+    if not model_ref:
+        from cache_backend.default_model import ensure_default_model
+
+        model_ref = str(ensure_default_model(args.cache_dir))
+        log.info("no --model given: serving the default model at %s", model_ref)
+
+    from mlx_lm import load
+
+    from cache_backend.app import ServerConfig, ServerState, create_app
+    from cache_backend.engine import Engine
+    from cache_backend.prefix_cache import NoCache
+    from cache_backend.render import Renderer
+    from cache_backend.scripted import load_script
+
+    model, tokenizer, config = load(model_ref, return_config=True)
+    # The server enforces its own context limit; silence transformers' "longer than maximum" warning.
+    tokenizer.model_max_length = sys.maxsize
+    limit = args.max_context or _context_limit(config)
+    script = load_script(args.test_forced_replies) if args.test_forced_replies else []
+    if script:
+        log.warning("TEST ONLY: scripted replies from %s are active (%d entries)", args.test_forced_replies, len(script))
+
+    renderer = Renderer(tokenizer)
+    engine = Engine(model, tokenizer, NoCache(), prefill_chunk=args.prefill_chunk,
+                    test_prefill_delay=args.test_prefill_delay, on_output=renderer.remember_output)
+    engine.start()
+    name = _served_name(model_ref)
+    cfg = ServerConfig(
+        model_name=name,
+        model_aliases=tuple({model_ref, str(Path(model_ref).resolve()) if Path(model_ref).exists() else model_ref}),
+        api_key=args.api_key,
+        max_output_tokens=args.max_output_tokens,
+        max_context=limit,
+        ping_interval=args.ping_interval,
+        structured_deadline_s=args.structured_deadline,
+        script=script,
+    )
+    app = create_app(ServerState(config=cfg, engine=engine, renderer=renderer))
+    log.info("serving %s on http://%s:%d (context limit %s tokens)", name, args.host, args.port, limit)
+
+    import uvicorn
+
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,275 @@
+"""HTTP side of the server: routes, auth, error mapping, and streaming engine events as SSE.
+
+Why it is thin: everything that touches the model runs on the engine's worker thread and
+everything that decides tokens lives in render.py; handlers here validate, render (on a
+single render thread, so the event loop never blocks), queue a job, and relay its events.
+Every failure is answered with Anthropic's error JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cache_backend import sse
+from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started
+from cache_backend.errors import APIError, AuthenticationFailed, InvalidRequest, NotFound, error_body
+from cache_backend.output import new_id
+from cache_backend.render import Renderer, RenderedPrompt, tool_call_markup, tool_dict
+from cache_backend.scripted import ScriptedReply, match
+from cache_backend.structured import opening_for
+from cache_backend.toolcalls import syntax_for
+from cache_backend.validate import MessagesRequest, parse_json_body, parse_messages_request
+
+log = logging.getLogger("cache_backend.app")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    model_aliases: tuple[str, ...] = ()
+    api_key: str | None = None
+    max_output_tokens: int | None = None
+    max_context: int | None = None
+    ping_interval: float = 5.0
+    structured_deadline_s: float = 60.0
+    script: list[ScriptedReply] = field(default_factory=list)
+    created_at: str = "2025-01-01T00:00:00Z"
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    engine: Engine
+    renderer: Renderer
+    render_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="render"))
+
+
+def _error(exc: APIError, request_id: str | None = None) -> JSONResponse:
+    headers = {"request-id": request_id} if request_id else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The ASGI app; the engine must already be started."""
+    cfg = state.config
+    app = FastAPI(title="ccwarm cache_backend", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.error_type, exc.message)
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            msg = f"not found: {request.method} {request.url.path}"
+            return JSONResponse(error_body("not_found_error", msg), status_code=404)
+        if exc.status_code == 405:
+            msg = f"method {request.method} is not allowed for {request.url.path}"
+            return JSONResponse(error_body("invalid_request_error", msg), status_code=405)
+        return JSONResponse(error_body("invalid_request_error", str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("api_error", f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
+
+    def check_auth(request: Request) -> None:
+        if not cfg.api_key:
+            return
+        key = request.headers.get("x-api-key")
+        if key is None:
+            auth = request.headers.get("authorization", "")
+            if auth.lower().startswith("bearer "):
+                key = auth[7:].strip()
+        if key != cfg.api_key:
+            raise AuthenticationFailed("invalid x-api-key" if key else "missing API key: send x-api-key or Authorization: Bearer")
+
+    def check_model(name: str) -> None:
+        if name.startswith("claude") or name == cfg.model_name or name in cfg.model_aliases:
+            return
+        raise NotFound(f"model: {name!r} is not served here (serving {cfg.model_name!r}; any claude-* name is an alias for it)")
+
+    def model_obj(name: str) -> dict[str, Any]:
+        return {"type": "model", "id": name, "display_name": f"{name} (served by {cfg.model_name})", "created_at": cfg.created_at}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": cfg.model_name, "queued": state.engine.queued, "busy": state.engine.busy,
+                "max_context": cfg.max_context}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        data = [model_obj(cfg.model_name)]
+        return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        check_auth(request)
+        check_model(model_id)
+        return model_obj(model_id)
+
+    async def parse(request: Request, *, count_tokens: bool) -> tuple[dict[str, Any], MessagesRequest, RenderedPrompt]:
+        check_auth(request)
+        body = parse_json_body(await request.body())
+        req = parse_messages_request(body, count_tokens=count_tokens)
+        check_model(req.model)
+        loop = asyncio.get_running_loop()
+        prompt = await loop.run_in_executor(state.render_pool, state.renderer.render, req)
+        return body, req, prompt
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> dict[str, Any]:
+        _, _, prompt = await parse(request, count_tokens=True)
+        return {"input_tokens": len(prompt.tokens)}
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        request_id = new_id("req_")
+        body, req, prompt = await parse(request, count_tokens=False)
+        n_prompt = len(prompt.tokens)
+        if cfg.max_context is not None and n_prompt > cfg.max_context:
+            raise InvalidRequest(f"prompt is too long: {n_prompt} tokens > {cfg.max_context} maximum")
+        params = build_params(state, body, req, prompt)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+
+        def sink(ev: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # loop closed: the server is shutting down
+                pass
+
+        job = Job(prompt=prompt, params=params, sink=sink, request_id=request_id)
+        state.engine.submit(job)
+        msg_id = new_id("msg_")
+        if req.stream:
+            return StreamingResponse(
+                stream_events(job, events, msg_id, req.model, cfg.ping_interval),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "request-id": request_id},
+            )
+        return await collect(request, job, events, msg_id, req.model, request_id)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+    async def unknown(path: str, request: Request) -> Response:
+        known = {"v1/messages": "POST", "v1/messages/count_tokens": "POST", "v1/models": "GET", "health": "GET"}
+        if path.rstrip("/") in known:
+            raise StarletteHTTPException(405)
+        raise StarletteHTTPException(404)
+
+    return app
+
+
+def build_params(state: ServerState, body: dict[str, Any], req: MessagesRequest, prompt: RenderedPrompt) -> GenerationParams:
+    """Generation settings for one request: caps, stop rules, tool syntax, forced tokens."""
+    cfg = state.config
+    tok = state.engine.tokenizer
+    max_tokens = req.max_tokens or 1
+    if cfg.max_output_tokens:
+        max_tokens = min(max_tokens, cfg.max_output_tokens)
+    if cfg.max_context:
+        max_tokens = max(1, min(max_tokens, cfg.max_context - len(prompt.tokens)))
+    tools = [tool_dict(t) for t in req.tools] or None
+    syntax = None
+    if req.tools and req.tool_choice.type != "none" and req.json_schema is None:
+        syntax = syntax_for(tok, tools)
+    forced: tuple[int, ...] = ()
+    fail_after = None
+    scripted = match(cfg.script, body) if cfg.script else None
+    if scripted is not None:
+        eos = getattr(tok, "eos_token_id", None)
+        forced = tuple(state.renderer.encode(scripted.reply)) + ((eos,) if eos is not None else ())
+        fail_after = scripted.fail_after_tokens
+    elif syntax is not None and req.tool_choice.type in ("any", "tool"):
+        if req.tool_choice.type == "tool" and syntax.json_body:
+            head = tool_call_markup(req.tool_choice.name or "", {})
+            head = head[: head.index('"arguments": ') + len('"arguments": ')]
+        else:
+            head = syntax.start
+        forced = tuple(state.renderer.encode(head))
+    elif req.json_schema is not None:
+        opening = opening_for(req.json_schema)
+        if opening:
+            forced = tuple(state.renderer.encode(opening))
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        stop_sequences=req.stop_sequences,
+        tool_syntax=syntax,
+        json_schema=req.json_schema,
+        deadline_s=cfg.structured_deadline_s if req.json_schema is not None else None,
+        forced_tokens=forced,
+        fail_after_tokens=fail_after,
+    )
+
+
+def _usage_of(ev: Started | Finished, output_tokens: int = 0) -> dict[str, Any]:
+    return sse.usage(ev.prompt_tokens - ev.n_restored, output_tokens, cache_read=ev.n_restored)
+
+
+async def stream_events(job: Job, events: asyncio.Queue[Any], msg_id: str, model: str, ping_interval: float):
+    """SSE bytes for one job. Before the worker starts it, SSE comments keep the line alive."""
+    done = False
+    started = False
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(events.get(), timeout=ping_interval)
+            except TimeoutError:
+                yield sse.encode(sse.ping()) if started else sse.comment("queued")
+                continue
+            if isinstance(ev, Started):
+                started = True
+                yield sse.encode(sse.message_start(msg_id, model, _usage_of(ev)))
+            elif isinstance(ev, dict):
+                yield sse.encode(ev)
+            elif isinstance(ev, Finished):
+                done = True
+                yield sse.encode(sse.message_delta(ev.stop_reason, ev.stop_sequence, _usage_of(ev, ev.output_tokens)))
+                yield sse.encode(sse.message_stop())
+                return
+            elif isinstance(ev, Failed):
+                done = True
+                yield sse.encode(sse.error("api_error", f"generation failed: {ev.message}"))
+                return
+    finally:
+        if not done:
+            job.cancel.set()
+
+
+async def collect(request: Request, job: Job, events: asyncio.Queue[Any], msg_id: str, model: str, request_id: str) -> Response:
+    """The non-streamed response; a client that goes away cancels the job."""
+    finished = False
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+                continue
+            if isinstance(ev, Finished):
+                finished = True
+                body = sse.message_shell(msg_id, model, ev.blocks, ev.stop_reason, ev.stop_sequence,
+                                         _usage_of(ev, ev.output_tokens))
+                return JSONResponse(body, headers={"request-id": request_id})
+            if isinstance(ev, Failed):
+                finished = True
+                return JSONResponse(error_body("api_error", f"generation failed: {ev.message}"), status_code=500,
+                                    headers={"request-id": request_id})
+    finally:
+        if not finished:
+            job.cancel.set()

@@ -1,0 +1,68 @@
+"""The seam between the engine and a prefix KV cache: a small interface plus `NoCache`.
+
+Why a separate module: the engine must not know how snapshots are kept (memory, disk, LRU,
+trimming). It asks for a restored cache for a prompt, prefills only the rest, and offers the
+cache back at points the cache asked for, after the prompt, and after generation. A real cache
+implements `PrefixCache`; `NoCache` always starts from scratch.
+
+Contract (all calls happen on the engine's single MLX worker thread):
+1. `restore(model, prompt)` returns `Restored(cache, n)`: an mlx-lm prompt cache (a list of
+   per-layer caches as made by `make_prompt_cache`) that holds exactly `prompt.tokens[:n]`.
+   `n` must be < len(prompt.tokens) (at least one token has to be fed to get logits); if an
+   implementation returns `n == len(tokens)`, the engine trims one token when the cache is
+   trimmable and otherwise starts from scratch.
+2. `checkpoints(prompt, n)` names positions p (n < p < len(tokens)) where prefill should pause
+   and call `save(tokens[:p], cache, "checkpoint")`, e.g. the end of system + tools, so that
+   caches that cannot be trimmed (sliding window, SSM) still get a snapshot at a boundary.
+3. `save(tokens, cache, kind)` is offered the live cache; `tokens` are exactly the tokens it
+   holds. kind is "checkpoint" (mid-prefill), "prompt" (after the whole prompt) or "generation"
+   (after decoding: prompt + every generated token that was fed back, i.e. all but the last).
+   For "checkpoint" and "prompt" the engine keeps appending to the same cache afterwards, so an
+   implementation that wants to keep it must snapshot (copy, or keep arrays that later appends
+   do not overwrite). After "generation" the engine drops its reference.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from cache_backend.render import RenderedPrompt
+
+SaveKind = Literal["checkpoint", "prompt", "generation"]
+
+
+@dataclass
+class Restored:
+    """A prompt cache holding the first `n_restored` tokens of the prompt."""
+
+    cache: list[Any]
+    n_restored: int
+
+
+class PrefixCache(ABC):
+    """What the engine needs from a prefix cache; see the module docstring for the contract."""
+
+    @abstractmethod
+    def restore(self, model: Any, prompt: RenderedPrompt) -> Restored: ...
+
+    def checkpoints(self, prompt: RenderedPrompt, n_restored: int) -> Sequence[int]:
+        return ()
+
+    def save(self, tokens: Sequence[int], cache: list[Any], kind: SaveKind) -> None:
+        return None
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class NoCache(PrefixCache):
+    """Never restores anything: every request prefills its whole prompt."""
+
+    def restore(self, model: Any, prompt: RenderedPrompt) -> Restored:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return Restored(cache=make_prompt_cache(model), n_restored=0)

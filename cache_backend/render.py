@@ -1,0 +1,434 @@
+"""Turn a validated Messages request into the exact token ids the model sees: ONE deterministic path.
+
+Why this module matters: the prefix cache can only reuse work if the same history always renders
+to the same tokens, and if turn N's tokens are a prefix of turn N+1's. So:
+- the request is mapped to chat-template messages in one fixed way (thinking dropped, images
+  replaced by a placeholder, string content == one-text-block content, mid-conversation system
+  messages kept where they stand);
+- the chat template is rendered once per message prefix and each message's *segment* (the text
+  it added) is tokenized on its own, so a segment's tokens never depend on what follows it;
+- an assistant segment is tokenized as generation prompt + the rest, exactly the split the model
+  saw when it produced that turn, so its own output renders back to the tokens it generated.
+Segments are memoized by a hash chain over the messages, so a new turn renders only its tail.
+The result carries boundaries (end of system+tools, end of each message) where a cache can
+snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from cache_backend.errors import InvalidRequest
+from cache_backend.validate import (
+    ImageBlock,
+    MessagesRequest,
+    TextBlock,
+    ThinkingBlock,
+    Tool,
+    ToolResultBlock,
+    ToolUseBlock,
+)
+
+log = logging.getLogger("cache_backend.render")
+
+IMAGE_PLACEHOLDER = "[{kind} omitted: this server cannot read {kind}s]"
+ERROR_PREFIX = "Error: "
+BLOCK_JOIN = "\n\n"
+
+# Used when a tokenizer has no chat template at all: ChatML with Hermes-style tools.
+FALLBACK_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages and messages[0]['role'] == 'system' %}"
+    "{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}{{- '# Tools\\n\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nTo call a function, reply with <tool_call>\\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages and messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message.content %}{{- message.content }}{%- endif %}"
+    "{%- for tc in message.tool_calls or [] %}{%- set f = tc.function %}"
+    "{%- if message.content or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def tool_dict(t: Tool) -> dict[str, Any]:
+    """An Anthropic tool as the OpenAI/Hugging Face function dict chat templates expect."""
+    fn: dict[str, Any] = {"name": t.name}
+    if t.description is not None:
+        fn["description"] = t.description
+    fn["parameters"] = t.input_schema
+    return {"type": "function", "function": fn}
+
+
+def tool_call_markup(name: str, arguments: dict[str, Any]) -> str:
+    """Hermes-style markup for one call, with the JSON spacing the parser and templates use."""
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
+
+
+def tools_section(tools: list[dict[str, Any]]) -> str:
+    """Deterministic tools text for templates that cannot render tools themselves."""
+    lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        f"{lines}\n</tools>\n\nFor each function call, return a json object with function name and "
+        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    )
+
+
+def json_instruction(schema: dict[str, Any]) -> str:
+    return (
+        "Respond with only a JSON value that conforms to this JSON Schema, and nothing else:\n"
+        + json.dumps(schema, ensure_ascii=False)
+    )
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """Token ids of a prompt plus the places a prefix cache may snapshot.
+
+    - `tokens[:prefix_end]` is system + tools (0 when the template puts nothing before the
+      first message that can be separated);
+    - `message_ends[i]` is the end of chat message i's segment (chat messages, after mapping:
+      a user turn with tool results becomes several);
+    - `tokens[generation_start:]` is the generation prompt (plus an assistant prefill, if any).
+    `segmented` is False when the template is not append-only for this conversation and the
+    prompt had to be tokenized in one piece (then only `generation_start` is meaningful).
+    """
+
+    tokens: list[int]
+    prefix_end: int
+    message_ends: tuple[int, ...]
+    generation_start: int
+    segmented: bool = True
+    placeholders: int = 0
+
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        """Sorted distinct snapshot positions strictly inside (0, len(tokens)]."""
+        pts = {self.prefix_end, *self.message_ends, self.generation_start, len(self.tokens)}
+        return tuple(sorted(p for p in pts if 0 < p <= len(self.tokens)))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class _Chat:
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    prefill: str | None
+    placeholders: int
+
+
+def _hash(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True)
+
+
+class Renderer:
+    """Request -> RenderedPrompt for one tokenizer. Thread-safe only if used from one thread."""
+
+    def __init__(self, tokenizer: Any, *, memo_size: int = 8192, outputs_size: int = 4096) -> None:
+        self.tok = tokenizer
+        self._memo: OrderedDict[str, list[int]] = OrderedDict()
+        self._memo_size = memo_size
+        self._preambles: dict[str, str] = {}
+        # Text the model generated -> the exact tokens it generated (see remember_output).
+        self._outputs: OrderedDict[str, list[int]] = OrderedDict()
+        self._outputs_size = outputs_size
+        self._outputs_lock = threading.Lock()
+        self._template_override: str | None = None
+        if getattr(tokenizer, "chat_template", None) is None and getattr(tokenizer, "_chat_template", None) is None:
+            self._template_override = FALLBACK_TEMPLATE
+        src = getattr(tokenizer, "chat_template", None)
+        self._template_id = _hash(str(self._template_override or src or "custom"))
+        self.native_tools, self.native_tool_calls, self.native_tool_role, self.mid_system = self._probe()
+        log.info(
+            "chat template: tools=%s tool_calls=%s tool_role=%s mid_system=%s",
+            self.native_tools, self.native_tool_calls, self.native_tool_role, self.mid_system,
+        )
+
+    # --- template access ------------------------------------------------------------------
+
+    def _apply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, gen: bool) -> str:
+        kwargs: dict[str, Any] = {"add_generation_prompt": gen, "tokenize": False}
+        if tools:
+            kwargs["tools"] = tools
+        if self._template_override is not None:
+            kwargs["chat_template"] = self._template_override
+        out = self.tok.apply_chat_template(messages, **kwargs)
+        if not isinstance(out, str):
+            raise TypeError(f"chat template returned {type(out).__name__}, expected str")
+        return out
+
+    def _try(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, gen: bool = False) -> str | None:
+        try:
+            return self._apply(messages, tools, gen)
+        except Exception:
+            return None
+
+    def _probe(self) -> tuple[bool, bool, bool, bool]:
+        tool = {"type": "function", "function": {"name": "probe_tool_zq", "description": "d", "parameters": {"type": "object", "properties": {}}}}
+        out = self._try([{"role": "user", "content": "hi"}], [tool])
+        native_tools = bool(out and "probe_tool_zq" in out)
+        call = {"id": "c1", "type": "function", "function": {"name": "probe_call_zq", "arguments": {"arg_zq": 1}}}
+        msgs = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "probe_result_zq", "tool_call_id": "c1", "name": "probe_call_zq"},
+        ]
+        out = self._try(msgs, [tool] if native_tools else None)
+        # Without tool definitions in the template, tool turns are all rendered as Hermes text.
+        native_calls = native_tools and bool(out and "probe_call_zq" in out and "arg_zq" in out)
+        native_tool_role = native_tools and bool(out and "probe_result_zq" in out)
+        out = self._try([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                         {"role": "system", "content": "probe_sys_zq"}, {"role": "user", "content": "c"}])
+        mid_system = bool(out and "probe_sys_zq" in out)
+        return native_tools, native_calls, native_tool_role, mid_system
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False)) if text else []
+
+    # --- request -> chat messages ---------------------------------------------------------
+
+    def _chat(self, req: MessagesRequest) -> _Chat:
+        placeholders = 0
+        tools = [tool_dict(t) for t in req.tools] or None
+        messages: list[dict[str, Any]] = []
+        system_text = "\n\n".join(b.text for b in req.system)
+        if tools and not self.native_tools:
+            system_text = system_text + "\n\n" + tools_section(tools) if system_text else tools_section(tools)
+        if system_text:
+            messages.append({"role": "system", "content": system_text})
+        names: dict[str, str] = {}
+        prefill = None
+        last = len(req.messages) - 1
+        for i, msg in enumerate(req.messages):
+            if msg.role == "system":
+                text = BLOCK_JOIN.join(b.text for b in msg.content if isinstance(b, TextBlock))
+                role = "system" if (self.mid_system or not messages) else "user"
+                messages.append({"role": role, "content": text})
+            elif msg.role == "assistant":
+                texts = [b.text for b in msg.content if isinstance(b, TextBlock)]
+                calls = [b for b in msg.content if isinstance(b, ToolUseBlock)]
+                for b in msg.content:
+                    if isinstance(b, ImageBlock):
+                        placeholders += 1
+                        texts.append(IMAGE_PLACEHOLDER.format(kind=b.kind))
+                text = BLOCK_JOIN.join(texts)
+                if i == last and i > 0:
+                    if calls:
+                        raise InvalidRequest(
+                            f"messages[{i}]: the final assistant message contains tool_use blocks; "
+                            "a user message with their tool_result blocks must follow"
+                        )
+                    prefill = text
+                    continue
+                for c in calls:
+                    names[c.id] = c.name
+                messages.append(self._assistant(text, calls))
+            else:
+                pending: list[str] = []
+                for b in msg.content:
+                    if isinstance(b, TextBlock):
+                        pending.append(b.text)
+                    elif isinstance(b, ImageBlock):
+                        placeholders += 1
+                        pending.append(IMAGE_PLACEHOLDER.format(kind=b.kind))
+                    elif isinstance(b, ToolResultBlock):
+                        if pending:
+                            messages.append({"role": "user", "content": BLOCK_JOIN.join(pending)})
+                            pending = []
+                        parts = []
+                        for c in b.content:
+                            if isinstance(c, TextBlock):
+                                parts.append(c.text)
+                            else:
+                                placeholders += 1
+                                parts.append(IMAGE_PLACEHOLDER.format(kind=c.kind))
+                        text = "\n".join(parts)
+                        if b.is_error:
+                            text = ERROR_PREFIX + text
+                        messages.append(self._tool_result(text, b.tool_use_id, names.get(b.tool_use_id, "")))
+                    elif isinstance(b, ThinkingBlock):
+                        pass
+                if pending or not msg.content:
+                    messages.append({"role": "user", "content": BLOCK_JOIN.join(pending)})
+        if req.json_schema is not None:
+            role = "system" if self.mid_system else "user"
+            messages.append({"role": role, "content": json_instruction(req.json_schema)})
+        if placeholders:
+            log.info("replaced %d image/document block(s) with a placeholder", placeholders)
+        return _Chat(messages, tools if self.native_tools else None, prefill, placeholders)
+
+    def _assistant(self, text: str, calls: list[ToolUseBlock]) -> dict[str, Any]:
+        if not calls:
+            return {"role": "assistant", "content": text}
+        if not self.native_tool_calls:
+            markup = "\n".join(tool_call_markup(c.name, c.input) for c in calls)
+            return {"role": "assistant", "content": f"{text}\n{markup}" if text else markup}
+        tool_calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.input}} for c in calls]
+        return {"role": "assistant", "content": text, "tool_calls": tool_calls}
+
+    def _tool_result(self, text: str, tool_use_id: str, name: str) -> dict[str, Any]:
+        if self.native_tool_role:
+            return {"role": "tool", "content": text, "tool_call_id": tool_use_id, "name": name}
+        return {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
+
+    # --- the model's own outputs ----------------------------------------------------------
+
+    def remember_output(self, text: str, tokens: list[int]) -> None:
+        """Record that the model produced `tokens` (end-of-turn excluded), decoding to `text`.
+
+        Sampling does not always pick the canonical tokenization of its own text (twelve "\n"
+        tokens where the tokenizer would merge them, "hel"+"lo"): when that turn comes back in a
+        later request, its segment is built from these tokens, so the prompt extends what the
+        KV cache already holds. Called from the engine thread.
+        """
+        if not text or not tokens:
+            return
+        with self._outputs_lock:
+            self._outputs[text] = list(tokens)
+            self._outputs.move_to_end(text)
+            while len(self._outputs) > self._outputs_size:
+                self._outputs.popitem(last=False)
+
+    def _own_tokens(self, rest: str) -> tuple[str, list[int]] | None:
+        """The longest remembered output that `rest` starts with."""
+        with self._outputs_lock:
+            best = None
+            for text in self._outputs:
+                if rest.startswith(text) and (best is None or len(text) > len(best)):
+                    best = text
+            if best is None:
+                return None
+            self._outputs.move_to_end(best)
+            return best, self._outputs[best]
+
+    # --- chat messages -> tokens ----------------------------------------------------------
+
+    def _memo_get(self, key: str) -> list[int] | None:
+        v = self._memo.get(key)
+        if v is not None:
+            self._memo.move_to_end(key)
+        return v
+
+    def _memo_put(self, key: str, tokens: list[int]) -> None:
+        self._memo[key] = tokens
+        if len(self._memo) > self._memo_size:
+            self._memo.popitem(last=False)
+
+    def render(self, req: MessagesRequest) -> RenderedPrompt:
+        """The prompt for `req`, ending with the generation prompt (and any assistant prefill)."""
+        chat = self._chat(req)
+        try:
+            return self._render_segmented(chat)
+        except InvalidRequest:
+            raise
+        except Exception as e:  # a template that raises on this conversation
+            raise InvalidRequest(f"messages: the chat template could not render this conversation: {e}") from None
+
+    def _preamble(self, msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None, key: str) -> str:
+        """What the template emits before any message (a tools-only system block), when separable."""
+        if not tools:
+            return ""
+        hit = self._preambles.get(key)
+        if hit is None:
+            s0 = self._try([], tools)
+            hit = s0 if s0 and (self._try(msgs[:1], tools) or "").startswith(s0) else ""
+            self._preambles[key] = hit
+            if len(self._preambles) > 64:
+                self._preambles.pop(next(iter(self._preambles)))
+        return hit
+
+    def _render_segmented(self, chat: _Chat) -> RenderedPrompt:
+        msgs, tools = chat.messages, chat.tools
+        n = len(msgs)
+        keys: list[str] = []
+        h = _hash(self._template_id, _dumps(tools))
+        tools_key = h
+        for m in msgs:
+            h = _hash(h, _dumps(m))
+            keys.append(h)
+        segs: list[list[int] | None] = [self._memo_get(k) for k in keys]
+        known = 0
+        while known < n and segs[known] is not None:
+            known += 1
+
+        full = self._apply(msgs, tools, gen=True)
+        preamble = self._preamble(msgs, tools, tools_key) if n else ""
+        if preamble and msgs[0]["role"] == "system":
+            preamble = ""
+        prev = self._apply(msgs[:known], tools, gen=False) if known else preamble
+        ok = True
+        new_texts: dict[int, str] = {}
+        for k in range(known, n):
+            cur = self._apply(msgs[: k + 1], tools, gen=False)
+            if not cur.startswith(prev):
+                ok = False
+                break
+            new_texts[k] = cur[len(prev):]
+            prev = cur
+        if not ok or not full.startswith(prev):
+            log.warning("chat template is not append-only for this conversation; tokenizing it whole")
+            tokens = self.encode(full)
+            gen_start = len(tokens)
+            if chat.prefill:
+                tokens += self.encode(chat.prefill)
+            return RenderedPrompt(tokens, 0, (), gen_start, segmented=False, placeholders=chat.placeholders)
+
+        gen_text = full[len(prev):]
+        for k, text in new_texts.items():
+            if msgs[k]["role"] == "assistant" and gen_text and text.startswith(gen_text):
+                # Split exactly where generation began when the model produced this turn, and
+                # reuse the model's own tokens for the part it generated, when we know them.
+                rest = text[len(gen_text):]
+                own = self._own_tokens(rest)
+                if own is not None:
+                    toks = self.encode(gen_text) + own[1] + self.encode(rest[len(own[0]):])
+                else:
+                    toks = self.encode(gen_text) + self.encode(rest)
+            else:
+                toks = self.encode(text)
+            segs[k] = toks
+            self._memo_put(keys[k], toks)
+
+        tokens = self.encode(preamble)
+        prefix_end = len(tokens)
+        ends = []
+        for s in segs:
+            assert s is not None
+            tokens += s
+            ends.append(len(tokens))
+        if msgs and msgs[0]["role"] == "system":
+            prefix_end = ends[0]
+        gen_start = len(tokens)
+        tokens += self.encode(gen_text)
+        if chat.prefill:
+            tokens += self.encode(chat.prefill)
+        return RenderedPrompt(tokens, prefix_end, tuple(ends), gen_start, placeholders=chat.placeholders)
+
+    def count(self, req: MessagesRequest) -> int:
+        return len(self.render(req).tokens)

@@ -1,0 +1,47 @@
+"""TEST ONLY: scripted replies (`--test-forced-replies FILE`) fed through the real model as if sampled.
+
+Why: a random-weight test model never emits tool-call markup by itself, yet the tool round trip
+must be checked end to end. With this, the prompt is rendered, prefilled and decoded for real;
+only the choice of each next token is taken from the script (forced decoding), followed by the
+end-of-turn token. Never enable it in production.
+
+File: a JSON list of entries `{"when": "<substring>", "reply": "<text>", "fail_after_tokens": n}`.
+The first entry whose `when` occurs in the JSON of the request's last message is used (an entry
+without `when` matches every request); `fail_after_tokens` makes generation raise after n
+tokens, to test mid-stream errors. Requests that match no entry are sampled normally.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ScriptedReply:
+    when: str | None
+    reply: str
+    fail_after_tokens: int | None = None
+
+
+def load_script(path: Path) -> list[ScriptedReply]:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of {{when, reply}} entries")
+    out = []
+    for i, e in enumerate(data):
+        if not isinstance(e, dict) or not isinstance(e.get("reply", ""), str):
+            raise ValueError(f"{path}[{i}]: expected an object with a string 'reply'")
+        out.append(ScriptedReply(e.get("when"), e.get("reply", ""), e.get("fail_after_tokens")))
+    return out
+
+
+def match(script: list[ScriptedReply], body: dict[str, Any]) -> ScriptedReply | None:
+    msgs = body.get("messages") or []
+    last = json.dumps(msgs[-1], ensure_ascii=False) if msgs else ""
+    for e in script:
+        if e.when is None or e.when in last:
+            return e
+    return None

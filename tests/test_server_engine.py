@@ -1,0 +1,140 @@
+"""The engine <-> PrefixCache contract, in process: what is saved, and that restoring is exact."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+from cache_backend.detok import IncrementalDetokenizer
+from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started
+from cache_backend.prefix_cache import NoCache, Restored
+from cache_backend.render import RenderedPrompt, Renderer
+from cache_backend.validate import parse_messages_request
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path) -> tuple[Any, Any]:
+    from mlx_lm import load
+
+    return load(str(tiny_model_dir))
+
+
+class Recording(NoCache):
+    """Records every save; can restore the last 'generation' save for a prompt that extends it."""
+
+    def __init__(self, restore_from_last: bool = False) -> None:
+        self.saves: list[tuple[str, list[int], int]] = []
+        self.restore_from_last = restore_from_last
+        self.last: tuple[list[int], list[Any]] | None = None
+
+    def restore(self, model: Any, prompt: RenderedPrompt) -> Restored:
+        if self.restore_from_last and self.last is not None:
+            tokens, cache = self.last
+            n = 0
+            while n < min(len(tokens), len(prompt.tokens)) and tokens[n] == prompt.tokens[n]:
+                n += 1
+            if n:
+                trim_prompt_cache(cache, len(tokens) - n)
+                self.last = None
+                return Restored(cache, n)
+        return Restored(make_prompt_cache(model), 0)
+
+    def checkpoints(self, prompt: RenderedPrompt, n_restored: int) -> tuple[int, ...]:
+        return (prompt.prefix_end,)
+
+    def save(self, tokens: Any, cache: list[Any], kind: Any) -> None:
+        self.saves.append((kind, list(tokens), cache[0].offset))
+        if kind == "generation":
+            self.last = (list(tokens), cache)
+
+
+def run(engine: Engine, prompt: RenderedPrompt, max_tokens: int = 12) -> tuple[int, Finished]:
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def sink(ev: Any) -> None:
+        if isinstance(ev, Started):
+            box["restored"] = ev.n_restored
+        elif isinstance(ev, (Finished, Failed)):
+            box["end"] = ev
+            done.set()
+
+    engine.submit(Job(prompt=prompt, params=GenerationParams(max_tokens=max_tokens, temperature=0.0), sink=sink))
+    assert done.wait(60)
+    assert isinstance(box["end"], Finished), box["end"]
+    return box["restored"], box["end"]
+
+
+def body(messages: list[dict[str, Any]]) -> Any:
+    return parse_messages_request({"model": "claude-x", "max_tokens": 12, "system": "You are terse. " * 20, "messages": messages})
+
+
+def test_saves_follow_the_contract_and_the_next_turn_extends_them(loaded: tuple[Any, Any]) -> None:
+    model, tok = loaded
+    cache = Recording()
+    r = Renderer(tok)
+    engine = Engine(model, tok, cache, prefill_chunk=16, on_output=r.remember_output)
+    engine.start()
+    try:
+        first = [{"role": "user", "content": "hello"}]
+        p1 = r.render(body(first))
+        restored, fin = run(engine, p1)
+        assert restored == 0
+        kinds = [k for k, _, _ in cache.saves]
+        assert kinds == ["checkpoint", "prompt", "generation"]
+        (_, ck, ck_off), (_, pr, pr_off), (_, gen, gen_off) = cache.saves
+        assert ck == p1.tokens[: p1.prefix_end] and ck_off == len(ck)
+        assert pr == p1.tokens and pr_off == len(pr)
+        assert gen[: len(p1.tokens)] == p1.tokens and len(gen) == len(p1.tokens) + fin.output_tokens - 1 and gen_off == len(gen)
+        text = fin.blocks[0]["text"]
+        p2 = r.render(body(first + [{"role": "assistant", "content": text}, {"role": "user", "content": "more"}]))
+        # The model's own turn renders back to exactly the tokens it generated.
+        assert p2.tokens[: len(gen)] == gen
+    finally:
+        engine.stop()
+
+
+def test_restored_prefix_gives_the_same_output(loaded: tuple[Any, Any]) -> None:
+    model, tok = loaded
+    r = Renderer(tok)
+    first = [{"role": "user", "content": "hello"}]
+    p1 = r.render(body(first))
+
+    plain = Engine(model, tok, NoCache(), on_output=r.remember_output)
+    plain.start()
+    cached_cache = Recording(restore_from_last=True)
+    cached = Engine(model, tok, cached_cache, prefill_chunk=16)
+    cached.start()
+    try:
+        _, f1 = run(plain, p1)
+        _, g1 = run(cached, p1)
+        assert g1.blocks == f1.blocks
+        p2 = r.render(body(first + [{"role": "assistant", "content": f1.blocks[0]["text"]}, {"role": "user", "content": "more"}]))
+        _, f2 = run(plain, p2)
+        restored, g2 = run(cached, p2)
+        assert restored == len(p1.tokens) + f1.output_tokens - 1
+        assert g2.blocks == f2.blocks and g2.n_restored == restored
+        # Exact hit: the whole prompt is cached; the engine must feed one token again.
+        run(cached, p2)
+        restored, g3 = run(cached, p2)
+        assert restored == len(p2.tokens) - 1
+        assert g3.blocks == f2.blocks
+    finally:
+        plain.stop()
+        cached.stop()
+
+
+def test_incremental_detokenizer_joins_to_decode(loaded: tuple[Any, Any]) -> None:
+    _, tok = loaded
+    text = " Hello wörld 🙂 — «ok»\n\ttabs"
+    ids = tok.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tok)
+    pieces = [d.add(i) for i in ids] + [d.finish()]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert pieces[0] == " Hello"  # a leading space is kept
