@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before an SSE ping (default: %(default)s)")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill step; cancellation and pings interleave between steps")
     ap.add_argument("--structured-deadline", type=float, default=60.0, help="seconds allowed for a json_schema (structured output) request")
+    ap.add_argument("--cache-memory", default="20%", help="RAM for prefix KV snapshots: bytes (e.g. 8GB) or a percent of RAM (default: %(default)s); 0 disables the cache")
+    ap.add_argument("--cache-disk", default="20GB", help="disk for persisted snapshots under --cache-dir (default: %(default)s); 0 keeps them in memory only")
     ap.add_argument("--log-level", default="INFO")
     test = ap.add_argument_group("test-only options (never use in production)")
     test.add_argument("--test-forced-replies", type=Path, default=None, metavar="FILE",
@@ -46,6 +48,35 @@ def _context_limit(config: dict[str, Any]) -> int | None:
             if isinstance(v, int) and v > 0:
                 return v
     return None
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, *, what: str) -> int:
+    """Bytes from `8GB`, `512MiB`, `1000000` or `25%` (of physical RAM)."""
+    t = text.strip().upper().replace(" ", "")
+    try:
+        if t.endswith("%"):
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            return int(ram * float(t[:-1]) / 100)
+        num = t.rstrip("KMGTIB")
+        return int(float(num) * _UNITS[t[len(num):]])
+    except (ValueError, KeyError):
+        raise SystemExit(f"{what}: cannot read {text!r} as a size (examples: 8GB, 512MiB, 25%)") from None
+
+
+def _model_dir(model_ref: str) -> Path | None:
+    """The local folder behind a --model value (for the cache's model fingerprint)."""
+    if Path(model_ref).is_dir():
+        return Path(model_ref)
+    try:
+        from mlx_lm.utils import hf_repo_to_path
+
+        return hf_repo_to_path(model_ref)
+    except Exception:
+        return None
 
 
 def _served_name(model: str) -> str:
@@ -68,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cache_backend.app import ServerConfig, ServerState, create_app
     from cache_backend.engine import Engine
+    from cache_backend.metrics import ServerMetrics
     from cache_backend.prefix_cache import NoCache
     from cache_backend.render import Renderer
     from cache_backend.scripted import load_script
@@ -81,8 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("TEST ONLY: scripted replies from %s are active (%d entries)", args.test_forced_replies, len(script))
 
     renderer = Renderer(tokenizer)
-    engine = Engine(model, tokenizer, NoCache(), prefill_chunk=args.prefill_chunk,
-                    test_prefill_delay=args.test_prefill_delay, on_output=renderer.remember_output)
+    memory = parse_size(args.cache_memory, what="--cache-memory")
+    disk = parse_size(args.cache_disk, what="--cache-disk")
+    prefix_cache: Any = NoCache()
+    if memory > 0:
+        from cache_backend.snapshot_cache import SnapshotCache
+
+        model_dir = _model_dir(model_ref)
+        if model_dir is None and disk:
+            log.warning("cannot locate the files of %s: snapshots stay in memory only", model_ref)
+        prefix_cache = SnapshotCache(memory, disk_dir=args.cache_dir if disk else None, disk_budget=disk, model_dir=model_dir)
+    log.info("prefix cache: %s", prefix_cache.describe())
+    metrics = ServerMetrics()
+    engine = Engine(model, tokenizer, prefix_cache, prefill_chunk=args.prefill_chunk,
+                    test_prefill_delay=args.test_prefill_delay, on_output=renderer.remember_output, metrics=metrics)
     engine.start()
     name = _served_name(model_ref)
     cfg = ServerConfig(
@@ -95,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         structured_deadline_s=args.structured_deadline,
         script=script,
     )
-    app = create_app(ServerState(config=cfg, engine=engine, renderer=renderer))
+    app = create_app(ServerState(config=cfg, engine=engine, renderer=renderer, metrics=metrics))
     log.info("serving %s on http://%s:%d (context limit %s tokens)", name, args.host, args.port, limit)
 
     import uvicorn
@@ -104,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
     finally:
         engine.stop()
+        close = getattr(prefix_cache, "close", None)
+        if close is not None:
+            close()  # let queued snapshot writes finish
     return 0
 
 

@@ -16,11 +16,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cache_backend import sse
 from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started
 from cache_backend.errors import APIError, AuthenticationFailed, InvalidRequest, NotFound, error_body
+from cache_backend.metrics import ServerMetrics
 from cache_backend.output import new_id
 from cache_backend.render import Renderer, RenderedPrompt, tool_call_markup, tool_dict
 from cache_backend.scripted import ScriptedReply, match
@@ -49,6 +51,7 @@ class ServerState:
     config: ServerConfig
     engine: Engine
     renderer: Renderer
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
     render_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="render"))
 
 
@@ -106,6 +109,20 @@ def create_app(state: ServerState) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": cfg.model_name, "queued": state.engine.queued, "busy": state.engine.busy,
                 "max_context": cfg.max_context}
+
+    def cache_stats() -> dict[str, Any]:
+        stats = getattr(state.engine.prefix_cache, "stats", None)
+        return stats() if stats is not None else {}
+
+    @app.get("/v1/cache/stats")
+    async def get_cache_stats(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        return state.metrics.snapshot(cache_stats())
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        check_auth(request)
+        return Response(state.metrics.prometheus(cache_stats()), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:

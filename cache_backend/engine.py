@@ -23,6 +23,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_sampler
 
 from cache_backend.detok import IncrementalDetokenizer
+from cache_backend.metrics import ServerMetrics
 from cache_backend.output import Cause, OutputAssembler, StopReason
 from cache_backend.prefix_cache import NoCache, PrefixCache, Restored
 from cache_backend.render import RenderedPrompt
@@ -101,6 +102,7 @@ class Engine:
         prefill_chunk: int = 512,
         test_prefill_delay: float = 0.0,
         on_output: Callable[[str, list[int]], None] | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -108,6 +110,7 @@ class Engine:
         self.prefill_chunk = max(1, prefill_chunk)
         self.test_prefill_delay = test_prefill_delay
         self.on_output = on_output  # (generated text, its tokens): e.g. Renderer.remember_output
+        self.metrics = metrics
         self.eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="mlx-worker", daemon=True)
@@ -282,6 +285,8 @@ class Engine:
             f"{ttft:.3f}s" if ttft is not None else "-", len(out), stop_reason, t_prefill - t0,
             n_dec / (t1 - t_prefill) if t1 > t_prefill and n_dec else 0.0, t0 - job.created,
         )
+        if self.metrics is not None:
+            self.metrics.observe(len(prompt), n_restored, len(out), ttft)
         job.sink(Finished(
             stop_reason=stop_reason,
             stop_sequence=assembler.stop_sequence if stop_reason == "stop_sequence" else None,

@@ -243,7 +243,8 @@ class SnapshotStore:
 
     @property
     def memory_bytes(self) -> int:
-        return sum(s.nbytes for s in self.snapshots.values())
+        # list(): the HTTP thread reads stats while the worker thread changes the dict
+        return sum(s.nbytes for s in list(self.snapshots.values()))
 
     def _drop(self, snap: Snapshot) -> None:
         self.snapshots.pop(snap.id, None)

@@ -1,0 +1,63 @@
+"""Request counters for `/v1/cache/stats` (JSON) and `/metrics` (Prometheus).
+
+Kept apart from the engine and the cache so each can be read on its own: the engine reports one
+finished request here, the cache reports its own state, and the HTTP layer shows both.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()
+        self.requests_total = 0
+        self.prompt_tokens_total = 0
+        self.prefill_tokens_total = 0
+        self.cache_read_tokens_total = 0
+        self.output_tokens_total = 0
+        self._requests = Counter("ccwarm_requests", "Finished /v1/messages requests", registry=self.registry)
+        self._prefill = Counter("ccwarm_prefill_tokens", "Prompt tokens prefilled", registry=self.registry)
+        self._cache_read = Counter("ccwarm_cache_read_tokens", "Prompt tokens restored from snapshots", registry=self.registry)
+        self._output = Counter("ccwarm_output_tokens", "Tokens generated", registry=self.registry)
+        self._ttft = Histogram("ccwarm_ttft_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=self.registry)
+        self._cache = Gauge("ccwarm_cache", "Prefix cache state", ["field"], registry=self.registry)
+
+    def observe(self, prompt_tokens: int, restored: int, output_tokens: int, ttft_s: float | None) -> None:
+        """One finished request (called on the engine's worker thread)."""
+        with self._lock:
+            self.requests_total += 1
+            self.prompt_tokens_total += prompt_tokens
+            self.prefill_tokens_total += prompt_tokens - restored
+            self.cache_read_tokens_total += restored
+            self.output_tokens_total += output_tokens
+        self._requests.inc()
+        self._prefill.inc(prompt_tokens - restored)
+        self._cache_read.inc(restored)
+        self._output.inc(output_tokens)
+        if ttft_s is not None:
+            self._ttft.observe(ttft_s)
+
+    def snapshot(self, cache_stats: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = {
+                "requests_total": self.requests_total,
+                "prompt_tokens_total": self.prompt_tokens_total,
+                "prefill_tokens_total": self.prefill_tokens_total,
+                "cache_read_tokens_total": self.cache_read_tokens_total,
+                "output_tokens_total": self.output_tokens_total,
+            }
+        return {**out, **cache_stats}
+
+    def prometheus(self, cache_stats: dict[str, Any]) -> bytes:
+        for key, value in cache_stats.items():
+            if isinstance(value, (int, float)):
+                self._cache.labels(field=key).set(value)
+        return generate_latest(self.registry)
