@@ -13,58 +13,63 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from ccwarm.harness import REPO, free_port
 
 
-@dataclass
 class ServerProcess:
-    port: int
-    proc: subprocess.Popen
-    log: Path
+    """`python -m cache_backend --host 127.0.0.1 --port P ARGS...`; output goes to `log_path`."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def __init__(self, *args: str, log_path: Path, port: int | None = None, timeout: float = 300.0,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "cache_backend", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self._out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        try:
+            self._wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before it was healthy:\n{self.log()[-3000:]}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            time.sleep(0.1)
+        raise TimeoutError(f"server at {self.url} was not healthy within {timeout}s:\n{self.log()[-3000:]}")
 
+    def log(self) -> str:
+        self._out.flush()
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"server exited with {proc.returncode} before it was healthy:\n{tail}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        time.sleep(0.1)
-    raise TimeoutError(f"server at {url} was not healthy within {timeout}s")
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
 
 
 @contextlib.contextmanager
 def companion_server(*args: str, log: Path, port: int | None = None, timeout: float = 300.0,
                      env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    """`python -m cache_backend --port P ARGS...`, stopped (SIGTERM, then SIGKILL) on exit."""
-    port = port or free_port()
-    cmd = [sys.executable, "-m", "cache_backend", "--host", "127.0.0.1", "--port", str(port), *args]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        try:
-            server = ServerProcess(port, proc, log)
-            wait_healthy(server.url, proc, timeout, log)
-            yield server
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """A ServerProcess that is stopped (SIGTERM, then SIGKILL) when the block ends."""
+    server = ServerProcess(*args, log_path=log, port=port, timeout=timeout, env=env)
+    try:
+        yield server
+    finally:
+        server.stop()

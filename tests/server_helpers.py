@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ccwarm import server_proc
 
 
 def build_tiny_model(base: Path, max_position_embeddings: int = 4096) -> Path:
@@ -28,46 +17,14 @@ def build_tiny_model(base: Path, max_position_embeddings: int = 4096) -> Path:
     return make_tiny_model(base / "tiny-model", seed=0, max_position_embeddings=max_position_embeddings)
 
 
-class ServerProcess:
-    """`python -m cache_backend --model DIR --port P ...` as a subprocess; stderr goes to a log file."""
+def ServerProcess(model_dir: Path, log_path: Path, *extra: str) -> server_proc.ServerProcess:  # noqa: N802
+    """The companion server on `model_dir` (see ccwarm.server_proc), stopped by the caller.
 
-    def __init__(self, model_dir: Path, log_path: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "cache_backend", "--model", str(model_dir), "--port", str(self.port), *extra]
-        self._log = open(log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not become ready in {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+    Snapshots go to a folder beside the log, never to the user's ~/.cache.
+    """
+    if "--cache-dir" not in extra:
+        extra = (*extra, "--cache-dir", str(Path(log_path).parent / "cache"))
+    return server_proc.ServerProcess("--model", str(model_dir), *extra, log_path=log_path, timeout=120.0)
 
 
 def parse_sse(raw: str) -> list[tuple[str, dict[str, Any]]]:

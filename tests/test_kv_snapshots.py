@@ -28,11 +28,18 @@ def feed(model, cache, tokens: list[int]) -> None:
     mx.eval([c.state for c in cache])
 
 
+LAST_LOGITS: list[mx.array] = []
+
+
 def greedy(model, cache, tokens: list[int], n: int = 10) -> list[int]:
-    """Feed `tokens`, then decode n tokens greedily; the cache ends holding tokens + out[:-1]."""
+    """Feed `tokens`, then decode n tokens greedily; the cache ends holding tokens + out[:-1].
+
+    The first step's logits are kept in LAST_LOGITS so callers can compare them numerically too.
+    """
     if len(tokens) > 1:
         feed(model, cache, tokens[:-1])  # no logits for these: only the last position's are used
     logits = model(mx.array(tokens[-1:])[None], cache=cache)
+    LAST_LOGITS.append(logits[0, -1])
     out = []
     for i in range(n):
         t = int(mx.argmax(logits[0, -1]).item())
@@ -47,10 +54,15 @@ def cold(model, tokens: list[int], n: int = 10) -> list[int]:
 
 
 def warm(model, store: SnapshotStore, tokens: list[int], n: int = 10) -> tuple[list[int], int]:
+    """Greedy output from the best snapshot; also checks its first logits match a cold run's."""
     hit = store.lookup(tokens)
     assert hit is not None
     cache = store.restore(hit)
-    return greedy(model, cache, tokens[hit.length:], n), hit.length
+    out = greedy(model, cache, tokens[hit.length:], n)
+    restored_logits = LAST_LOGITS[-1]
+    greedy(model, make_prompt_cache(model), tokens, 1)
+    assert mx.allclose(restored_logits, LAST_LOGITS[-1], atol=1e-4).item(), "restored logits differ from a cold run"
+    return out, hit.length
 
 
 @pytest.fixture

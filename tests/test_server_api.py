@@ -105,10 +105,11 @@ def test_count_tokens_equals_reported_input(client: anthropic.Anthropic) -> None
     msg = client.messages.create(max_tokens=2, **req)
     u = msg.usage
     assert counted == u.input_tokens + (u.cache_read_input_tokens or 0) + (u.cache_creation_input_tokens or 0)
-    # Same request streamed reports the same numbers in message_start.
+    # Same request streamed: the prompt length is the same; now most of it comes from the cache.
     with client.messages.stream(max_tokens=2, **req) as s:
         final = s.get_final_message()
-    assert final.usage.input_tokens == u.input_tokens
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == counted
+    assert final.usage.cache_read_input_tokens > 0
 
 
 def test_ignored_fields_are_accepted(server: ServerProcess) -> None:
@@ -144,8 +145,11 @@ def test_tool_round_trip(client: anthropic.Anthropic, server: ServerProcess) -> 
     answer = client.messages.create(model="claude-opus-4-8", max_tokens=200, tools=TOOLS, messages=second)
     assert answer.stop_reason == "end_turn"
     assert answer.content[0].text == "It is sunny in Paris."
-    # The follow-up prompt contains the first prompt plus the model's own turn (and more).
-    assert answer.usage.input_tokens > msg.usage.input_tokens + n_forced
+    # The follow-up prompt contains the first prompt plus the model's own turn (and more), and
+    # the prefix cache restores exactly that: the first prompt and every output token fed back.
+    first_prompt = msg.usage.input_tokens + msg.usage.cache_read_input_tokens
+    assert answer.usage.input_tokens + answer.usage.cache_read_input_tokens > first_prompt + n_forced
+    assert answer.usage.cache_read_input_tokens == first_prompt + n_forced - 1
 
     # Error results are accepted too, and the raw stream carries input_json_delta pieces.
     raw = stream_raw(server.url, {"model": "claude-x", "max_tokens": 200, "tools": TOOLS, "messages": first})
@@ -386,7 +390,9 @@ def test_queued_request_streams_fine_with_sdk(slow_server: ServerProcess) -> Non
         final = s.get_final_message()
     t.join(60)
     assert final.usage.output_tokens == 2 and final.stop_reason == "max_tokens"
-    with httpx.stream("POST", slow_server.url + "/v1/messages", json={**body, "stream": True}, headers={"x-api-key": "sekrit"}) as r1:
+    # A prompt no snapshot covers, so the first stream really prefills for a while.
+    fresh = {**body, "messages": user(f"{time.time_ns()} {LONG_TEXT}"), "stream": True}
+    with httpx.stream("POST", slow_server.url + "/v1/messages", json=fresh, headers={"x-api-key": "sekrit"}) as r1:
         with httpx.stream("POST", slow_server.url + "/v1/messages", json={**body, "messages": user("second"), "stream": True},
                           headers={"x-api-key": "sekrit"}, timeout=60) as r2:
             raw2 = r2.read().decode()
