@@ -124,9 +124,22 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("cannot locate the files of %s: snapshots stay in memory only", model_ref)
         prefix_cache = SnapshotCache(memory, disk_dir=args.cache_dir if disk else None, disk_budget=disk, model_dir=model_dir)
     log.info("prefix cache: %s", prefix_cache.describe())
+    on_output = renderer.remember_output
+    disk_dir = getattr(getattr(getattr(prefix_cache, "store", None), "disk", None), "dir", None)
+    if disk_dir is not None:
+        from cache_backend.output_log import OutputLog
+
+        outputs = OutputLog(disk_dir / "outputs.jsonl")
+        for text, tokens in outputs.load():
+            renderer.remember_output(text, tokens)
+
+        def on_output(text: str, tokens: list[int]) -> None:
+            renderer.remember_output(text, tokens)
+            outputs.append(text, tokens)
+
     metrics = ServerMetrics()
     engine = Engine(model, tokenizer, prefix_cache, prefill_chunk=args.prefill_chunk,
-                    test_prefill_delay=args.test_prefill_delay, on_output=renderer.remember_output, metrics=metrics)
+                    test_prefill_delay=args.test_prefill_delay, on_output=on_output, metrics=metrics)
     engine.start()
     name = _served_name(model_ref)
     cfg = ServerConfig(
