@@ -18,6 +18,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -70,16 +71,20 @@ def _read_header(path: Path) -> dict[str, str]:
 class DiskTier:
     """Snapshots as files under `root`, one folder per model, LRU within `budget` bytes."""
 
-    def __init__(self, root: Path, fingerprint: str, budget: int) -> None:
+    def __init__(self, root: Path, fingerprint: str, budget: int, write_delay: float = 1.0) -> None:
         self.dir = root / "kv" / fingerprint[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
         self.budget = budget
+        # A prompt snapshot is usually superseded by its prompt + output snapshot a moment later:
+        # waiting a little before writing skips those files instead of writing and deleting them.
+        self.write_delay = write_delay
         self.index: dict[str, Snapshot] = {}  # guarded by _lock: the writer thread adds to it
         self._lock = threading.Lock()
         self.removed_bad = 0
         self._forgotten: set[str] = set()
-        self._queue: queue.Queue[Snapshot | None] = queue.Queue()
+        self._closing = False
+        self._queue: queue.Queue[tuple[float, Snapshot] | None] = queue.Queue()
         self._scan()
         self._writer = threading.Thread(target=self._write_loop, name="kv-disk-writer", daemon=True)
         self._writer.start()
@@ -156,7 +161,7 @@ class DiskTier:
     # -- writes ---------------------------------------------------------------------------------
 
     def write(self, snap: Snapshot) -> None:
-        self._queue.put(snap)
+        self._queue.put((time.monotonic(), snap))
 
     def forget(self, snap: Snapshot) -> None:
         self._forgotten.add(snap.id)
@@ -168,6 +173,7 @@ class DiskTier:
         self._queue.join()
 
     def close(self) -> None:
+        self._closing = True  # write what is queued now, without the delay
         self.flush()
         self._queue.put(None)
         self._writer.join(timeout=10)
@@ -176,14 +182,18 @@ class DiskTier:
         # MLX streams are per thread; the arrays are already evaluated, saving only reads them.
         with mx.stream(mx.new_stream(mx.default_device())):
             while True:
-                snap = self._queue.get()
+                item = self._queue.get()
                 try:
-                    if snap is None:
+                    if item is None:
                         return
+                    queued_at, snap = item
+                    wait = queued_at + self.write_delay - time.monotonic()
+                    if wait > 0 and not self._closing:
+                        time.sleep(wait)
                     if snap.id not in self._forgotten and snap.layers is not None:
                         self._write_one(snap)
                 except Exception:
-                    log.exception(f"kv cache: could not write snapshot {snap.id if snap else ''}")
+                    log.exception("kv cache: could not write a snapshot")
                 finally:
                     self._queue.task_done()
 
