@@ -8,6 +8,7 @@ SERVER_PORT ?= 8080
 UPSTREAM ?=
 MODEL ?=
 PYTEST_ARGS ?=
+ARGS ?=
 
 .PHONY: run test venv clean
 
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 
 run: $(STAMP)
 	@$(PY) scripts/run_stack.py --proxy-port $(PROXY_PORT) --server-port $(SERVER_PORT) \
-		$(if $(UPSTREAM),--upstream $(UPSTREAM)) $(if $(MODEL),--model $(MODEL))
+		$(if $(UPSTREAM),--upstream $(UPSTREAM)) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

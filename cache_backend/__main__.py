@@ -107,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, config = load(model_ref, return_config=True)
     # The server enforces its own context limit; silence transformers' "longer than maximum" warning.
     tokenizer.model_max_length = sys.maxsize
-    limit = args.max_context or _context_limit(config)
+    trained = _context_limit(config)
+    limit = args.max_context or trained
+    if trained and limit > trained:
+        log.warning(
+            "context limit raised to %d tokens, beyond the %d this model was trained on: answers to longer "
+            "prompts will be poor. For real work pass --model with a long-context model "
+            "(e.g. an mlx-community Qwen2.5-Coder build).", limit, trained)
     script = load_script(args.test_forced_replies) if args.test_forced_replies else []
     if script:
         log.warning("TEST ONLY: scripted replies from %s are active (%d entries)", args.test_forced_replies, len(script))

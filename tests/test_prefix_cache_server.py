@@ -188,7 +188,7 @@ def test_corrupted_snapshot_files_are_ignored(tiny_model_dir, tmp, reference) ->
 
 
 def test_cancel_mid_prefill_leaves_no_broken_snapshot(tiny_model_dir, tmp, reference) -> None:
-    srv = start(tiny_model_dir, tmp, "cancel", "--prefill-chunk", "32", "--test-prefill-delay", "0.1")
+    srv = start(tiny_model_dir, tmp, "cancel", "--prefill-chunk", "64", "--test-prefill-delay", "0.1")
     try:
         long_history = [user("Read this carefully. " + " ".join(f"line {i} of the log" for i in range(300)))]
         body = {"model": "claude-x", "max_tokens": 8, "stream": True, "system": SYSTEM, "tools": TOOLS,

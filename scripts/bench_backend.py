@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Raw model speed of the server's engine: prefill tokens/s at 1k, 8k, 25k tokens and decode tokens/s.
+
+Runs the server's own Engine (the single MLX worker, chunked prefill, the decode loop) with no
+prefix cache, on the tiny benchmark model and on the bundled default model (short prompts only
+for the default model on CPU: its prefill runs at tens of tokens/s here). Prints a table and
+writes JSON with the machine it ran on.
+
+    .venv/bin/python scripts/bench_backend.py [--sizes 1000 8000 25000] [--default-sizes 256 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started  # noqa: E402
+from cache_backend.render import RenderedPrompt  # noqa: E402
+from ccwarm.harness import REPO  # noqa: E402
+
+
+def measure(engine: Engine, n_prompt: int, n_decode: int, seed: int) -> dict[str, float]:
+    """One request of `n_prompt` random tokens; prefill and decode timed from the engine's events."""
+    import numpy as np
+
+    tokens = np.random.default_rng(seed).integers(100, 40000, n_prompt).tolist()
+    prompt = RenderedPrompt(tokens=tokens, prefix_end=0, message_ends=(), generation_start=n_prompt)
+    events: queue.Queue = queue.Queue()
+    params = GenerationParams(max_tokens=n_decode, temperature=0.0)
+    t0 = time.perf_counter()
+    engine.submit(Job(prompt=prompt, params=params, sink=events.put))
+    first = None
+    while True:
+        ev = events.get()
+        if isinstance(ev, dict) and first is None:
+            first = time.perf_counter()
+        if isinstance(ev, Failed):
+            raise RuntimeError(ev.message)
+        if isinstance(ev, Finished):
+            end = time.perf_counter()
+            ttft = ev.ttft_s or (first - t0 if first else end - t0)
+            decoded = max(ev.output_tokens - 1, 1)
+            return {"prompt_tokens": n_prompt, "ttft_s": ttft, "prefill_tok_s": n_prompt / ttft,
+                    "decode_tok_s": decoded / max(end - t0 - ttft, 1e-9), "output_tokens": ev.output_tokens}
+        if isinstance(ev, Started):
+            continue
+
+
+def bench_model(name: str, model_dir: str, sizes: list[int], n_decode: int) -> list[dict]:
+    from mlx_lm import load
+
+    model, tokenizer = load(model_dir)
+    engine = Engine(model, tokenizer, prefill_chunk=512)
+    engine.start()
+    rows = []
+    try:
+        measure(engine, 64, 4, seed=0)  # warm-up: first-call costs are not prefill speed
+        for n in tqdm(sizes, desc=name, unit="prompt"):
+            row = measure(engine, n, n_decode, seed=n)
+            row["model"] = name
+            rows.append(row)
+    finally:
+        engine.stop()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 8000, 25000])
+    ap.add_argument("--default-sizes", type=int, nargs="*", default=[256, 1024])
+    ap.add_argument("--decode", type=int, default=32, help="tokens to decode per request")
+    ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("CCWARM_CACHE_DIR", "~/.cache/ccwarm")).expanduser())
+    ap.add_argument("--json", type=Path, default=REPO / "artifacts" / "bench_backend.json")
+    args = ap.parse_args()
+
+    from cache_backend.tiny_model import make_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="ccwarm-bench-backend-"))
+    models = {
+        "tiny (1 layer, hidden 64; tests)": str(make_tiny_model(work / "tiny", seed=0)),
+        "tiny (1 layer, hidden 512; cache bench)": str(make_tiny_model(work / "tiny512", seed=0, hidden_size=512, intermediate_size=2048)),
+    }
+    rows = []
+    for name, path in models.items():
+        rows += bench_model(name, path, args.sizes, args.decode)
+    if args.default_sizes:
+        from cache_backend.default_model import ensure_default_model
+
+        rows += bench_model("SmolLM2-135M (default)", str(ensure_default_model(args.cache_dir)), args.default_sizes, args.decode)
+
+    print(f"\n{'model':<42}{'prompt':>8}{'TTFT s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}")
+    for r in rows:
+        print(f"{r['model']:<42}{r['prompt_tokens']:>8}{r['ttft_s']:>9.2f}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}")
+    machine = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+               "python": platform.python_version(), "ld_preload": os.environ.get("LD_PRELOAD", "")}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    print(f"\nmachine: {machine}\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
