@@ -40,13 +40,26 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
-def mitmdump(upstream_port: int, *scripts: str, options: tuple[str, ...] = (), log: Path | None = None) -> Iterator[tuple[int, Path]]:
-    """A real `mitmdump -s ... --mode reverse:` process; yields (listen port, log file)."""
+def mitmproxy_process(upstream_port: int, *scripts: str, options: tuple[str, ...] = (), log: Path | None = None,
+                      tool: str = "mitmdump", extra_args: tuple[str, ...] = (),
+                      also_wait_for: tuple[int, ...] = ()) -> Iterator[tuple[int, Path]]:
+    """A real mitmdump/mitmweb in reverse mode before `upstream_port`; yields (listen port, log)."""
     port = free_port()
-    log = log or Path(os.environ.get("TMPDIR", "/tmp")) / f"mitmdump-{port}.log"
-    cmd = [str(BIN / "mitmdump"), "--mode", f"reverse:http://127.0.0.1:{upstream_port}@{port}",
-           "--listen-host", "127.0.0.1", "--set", "confdir=" + str(log.parent / f"mitm-conf-{port}")]
+    log = log or Path(os.environ.get("TMPDIR", "/tmp")) / f"{tool}-{port}.log"
+    cmd = [str(BIN / tool), "--mode", f"reverse:http://127.0.0.1:{upstream_port}@{port}",
+           "--listen-host", "127.0.0.1", "--set", "confdir=" + str(log.parent / f"mitm-conf-{port}"), *extra_args]
     for s in scripts:
         cmd += ["-s", str(REPO / s)]
     for o in options:
@@ -54,15 +67,17 @@ def mitmdump(upstream_port: int, *scripts: str, options: tuple[str, ...] = (), l
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         try:
-            wait_for_port(port, proc)
+            for p in (port, *also_wait_for):
+                wait_for_port(p, proc)
             yield port, log
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
+
+
+def mitmdump(upstream_port: int, *scripts: str, options: tuple[str, ...] = (),
+             log: Path | None = None) -> contextlib.AbstractContextManager[tuple[int, Path]]:
+    """A real `mitmdump -s ... --mode reverse:` process; yields (listen port, log file)."""
+    return mitmproxy_process(upstream_port, *scripts, options=options, log=log)
 
 
 @dataclass

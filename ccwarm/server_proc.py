@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from ccwarm.harness import REPO, free_port
+from ccwarm.harness import REPO, free_port, stop_process
 
 
 class ServerProcess:
@@ -54,13 +54,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace=20.0)  # a clean stop lets queued snapshot writes finish
         self._out.close()
 
 

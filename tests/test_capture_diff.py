@@ -13,7 +13,7 @@ import pytest
 from mitmproxy import io
 
 from ccwarm.synthetic import Request, SessionGenerator, SessionSpec
-from tests.support import REPO, RecordingUpstream, mitmdump
+from ccwarm.harness import REPO, RecordingUpstream, mitmdump
 
 SCRIPT = str(REPO / "scripts" / "capture_diff.py")
 SECRET = "sk-ant-test-secret"

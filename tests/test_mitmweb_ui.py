@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from ccwarm.synthetic import SessionGenerator, SessionSpec
-from tests.support import REPO, RecordingUpstream, free_port, wait_for_port
+from ccwarm.harness import REPO, RecordingUpstream, free_port, mitmproxy_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACT = REPO / "artifacts" / "mitmweb.png"
@@ -32,26 +30,13 @@ pytestmark = [
 
 @contextlib.contextmanager
 def mitmweb(upstream_port: int, tmp: Path, token: str):
-    port, web_port = free_port(), free_port()
+    web_port = free_port()
     columns = [x for c in ("icon", "path", "method", "status", "size", "time", "comment") for x in ("--set", f"web_columns={c}")]
-    cmd = [str(Path(sys.executable).parent / "mitmweb"), "--mode", f"reverse:http://127.0.0.1:{upstream_port}@{port}",
-           "--listen-host", "127.0.0.1", "--web-host", "127.0.0.1", "--web-port", str(web_port), "--no-web-open-browser",
-           "--set", f"web_password={token}", "--set", f"confdir={tmp / 'mitm-conf'}", *columns,
-           "-s", str(REPO / "addons/normalize.py"), "-s", str(REPO / "addons/stability.py"), "--set", "normalize=false"]
-    log = tmp / "mitmweb.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            wait_for_port(port, proc)
-            wait_for_port(web_port, proc)
-            yield port, web_port, log
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    args = ("--web-host", "127.0.0.1", "--web-port", str(web_port), "--no-web-open-browser", *columns)
+    with mitmproxy_process(upstream_port, "addons/normalize.py", "addons/stability.py", tool="mitmweb",
+                           options=(f"web_password={token}", "normalize=false"), extra_args=args,
+                           log=tmp / "mitmweb.log", also_wait_for=(web_port,)) as (port, log):
+        yield port, web_port, log
 
 
 def test_flagged_flows_and_comments_are_visible_in_mitmweb(tmp_path) -> None:

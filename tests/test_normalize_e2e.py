@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from ccwarm.synthetic import SessionGenerator, SessionSpec
-from tests.support import RecordingUpstream, mitmdump
+from ccwarm.harness import RecordingUpstream, mitmdump
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;"
 SYSTEM = [{"type": "text", "text": BILLING}, {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
