@@ -34,21 +34,6 @@ class NotFound(APIError):
     error_type = "not_found_error"
 
 
-class MethodNotAllowed(APIError):
-    status = 405
-    error_type = "invalid_request_error"
-
-
-class Overloaded(APIError):
-    status = 529
-    error_type = "overloaded_error"
-
-
-class InternalError(APIError):
-    status = 500
-    error_type = "api_error"
-
-
 def error_body(error_type: str, message: str) -> dict[str, Any]:
     """The JSON body Anthropic's API uses for errors (HTTP bodies and SSE `error` events alike)."""
     return {"type": "error", "error": {"type": error_type, "message": message}}
