@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from cache_backend.kv_snapshots import Layers, Snapshot
+from cache_backend.kv_snapshots import Layers, Snapshot, tokens_held
 
 FORMAT = "ccwarm-kv/1"
 log = logging.getLogger("ccwarm.kv_disk")
@@ -142,9 +142,9 @@ class DiskTier:
             layers, meta = load_prompt_cache(str(path), return_metadata=True)
             if meta.get("model") != self.fingerprint or meta.get("format") != FORMAT:
                 raise ValueError("metadata does not match")
-            sizes = {c.size() for c in layers}
-            if sizes != {len(snap)}:
-                raise ValueError(f"cache holds {sizes} positions, tokens say {len(snap)}")
+            held = tokens_held(layers)
+            if held and held != {len(snap)}:
+                raise ValueError(f"cache holds {sorted(held)} positions, tokens say {len(snap)}")
             mx.eval([c.state for c in layers])
         except Exception as e:  # any unreadable file is a miss, never a crash
             self._remove_bad(path, str(e))

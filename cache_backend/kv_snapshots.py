@@ -42,6 +42,12 @@ def is_trimmable(layers: Layers) -> bool:
     return all(c.is_trimmable() for c in layers)
 
 
+def tokens_held(layers: Layers) -> set[int]:
+    """How many tokens each layer has seen (`offset`; rotating caches keep fewer but count all).
+    Layers without positions (SSM state) say nothing and are left out."""
+    return {int(c.offset) for c in layers if isinstance(getattr(c, "offset", None), int)}
+
+
 def layers_nbytes(layers: Layers) -> int:
     return sum(c.nbytes for c in layers)
 
@@ -205,8 +211,8 @@ class SnapshotStore:
     def put(self, tokens: Sequence[int], live: Layers, conversation: str, protected: int = 0) -> Snapshot | None:
         """Snapshot a live cache that holds exactly `tokens` (and seal it, see `freeze`)."""
         toks = np.asarray(tokens, dtype=np.int32)
-        held = {c.size() for c in live}
-        if held != {len(toks)}:
+        held = tokens_held(live)
+        if held and held != {len(toks)}:
             # A snapshot whose KV length disagrees with its tokens would give wrong answers later.
             raise ValueError(f"snapshot of {len(toks)} tokens offered a cache holding {sorted(held)} positions")
         trimmable = is_trimmable(live)

@@ -9,8 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import load
-from mlx_lm.models.base import create_attention_mask  # noqa: F401  (import check: mlx-lm API present)
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from cache_backend.kv_disk import DiskTier, model_fingerprint
 from cache_backend.kv_snapshots import SnapshotStore
@@ -215,3 +214,30 @@ def test_disk_budget_keeps_newest(model, tokens, tiny_model_dir: Path, tmp_path:
         conversation_turn(model, store, tokens(300), protected=0)
     disk.flush()
     assert len(disk.entries()) == 2 and disk.disk_bytes <= disk.budget
+
+
+def rotating(model) -> list:
+    return [RotatingKVCache(max_size=256, keep=4) for _ in model.layers]
+
+
+def test_untrimmable_caches_reuse_whole_snapshots_only(model, tokens) -> None:
+    """A sliding-window (rotating) cache past its window cannot be trimmed: only snapshots that
+    are a whole prefix of the new prompt are usable, and they give the same output as a cold run
+    fed in the same pieces."""
+    store = SnapshotStore(memory_budget=2**30)
+    prefix = tokens(400)
+    cache = rotating(model)
+    feed(model, cache, prefix)
+    snap = store.put(prefix, cache, "main")
+    assert snap is not None and not snap.trimmable
+
+    longer = prefix + tokens(20)
+    hit = store.lookup(longer)
+    assert hit is not None and hit.length == len(prefix)
+    warm_out = greedy(model, store.restore(hit), longer[len(prefix):], 6)
+    cold_cache = rotating(model)
+    feed(model, cold_cache, prefix)
+    assert warm_out == greedy(model, cold_cache, longer[len(prefix):], 6)
+
+    assert store.lookup(prefix[:300] + tokens(10)) is None  # diverges inside the window: unusable
+    assert store.lookup(prefix) is None  # exact repeat would need a trim by one token
