@@ -1,0 +1,900 @@
+#!/usr/bin/env python3
+"""End to end with the real Claude Code CLI: claude -> mitmdump (normalize) -> companion server.
+
+Starts the companion server (`python -m cache_backend`, the tiny random-weight model unless
+--model) and `mitmdump -s addons/normalize.py [-s addons/stability.py]` in reverse mode before it,
+both on free loopback ports, with a throwaway HOME and a throwaway git repository as the working
+folder. Then drives the real CLI (installed into the git-ignored `.claude-cli/` when missing):
+
+  session A  turn 1  `claude -p`              plain answer
+             turn 2  `claude -p --continue`   the model calls Bash, then answers
+             turn 3  `claude -p --continue`   the model spawns a sub-agent (Agent/Task tool),
+                                              which calls Read and reports back
+             turn 4  `claude -p --continue`   final answer, checked on stdout
+  session B          `claude -p`              a new conversation: a different first message and
+                                              so a different `cc_version` suffix in the billing block
+
+A random-weight model never calls a tool by itself, so the server runs with the TEST-ONLY
+`--test-forced-replies` script: each prompt (and each tool output) carries a unique marker and
+the entry whose marker is in the last message decides the reply, fed through the real model as if
+sampled (tool calls as the Hermes markup the server parses into `tool_use` blocks).
+
+The same run is done twice: normalize on, and normalize off (`--set normalize=false`), each with
+a fresh server and cache. Per request it reports the kind (main, subagent, side), prompt tokens,
+tokens restored from the prefix cache, tokens prefilled, TTFT (from the server's
+`request <id> prompt=... restored=...` log lines, paired with mitmdump's flow file through the
+`request-id` response header), the ideal prefill (a cache that kept every earlier prompt and reply:
+computed by rendering each forwarded body with the server's own renderer) and the stability
+verdict (the stability addon's diff on the flow, or one computed here; for the first request of a
+new session, a diff against the previous session's last main request).
+
+    .venv/bin/python scripts/e2e_claude_code.py [--json artifacts/e2e_claude_code.json]
+    .venv/bin/python scripts/e2e_claude_code.py --interactive   # the UI under tmux instead
+
+`--interactive` starts `claude` (no -p) in a tmux session on a private tmux socket, answers the
+first-run questions (trust this folder, use this API key), types prompts, approves a Bash tool
+call, and checks that the scripted answers appear on screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ccwarm import payload  # noqa: E402
+from ccwarm.harness import REPO, RecordingUpstream, mitmdump  # noqa: E402
+from ccwarm.server_proc import companion_server  # noqa: E402
+
+CLI_DIR = REPO / ".claude-cli"
+CLI = CLI_DIR / "node_modules" / ".bin" / "claude"
+# Pin with e.g. CCWARM_CLAUDE_CODE_PACKAGE=@anthropic-ai/claude-code@2.1.197 (checked with that version).
+CLI_PACKAGE = os.environ.get("CCWARM_CLAUDE_CODE_PACKAGE", "@anthropic-ai/claude-code")
+CLI_MODEL = "claude-sonnet-4-5"
+DEFAULT_JSON = REPO / "artifacts" / "e2e_claude_code.json"
+STABILITY_ADDON = "addons/stability.py"
+BILLING = payload.BILLING_HEADER_NAME
+TURN_TIMEOUT = 180.0
+MAX_CONTEXT = 200000  # Claude Code's first prompt alone is ~29k (-p) / ~32k (interactive) tokens here
+
+# Markers: each prompt and each tool output carries one, and the forced-replies script keys on them.
+FINAL_ANSWER = "E2E-FINAL-ANSWER: the chain works."
+NEW_SESSION_ANSWER = "E2E-NEW-SESSION-ANSWER: hello again."
+SUBAGENT_DONE = "E2E-SUBAGENT-DONE"
+READ_MARKER = "e2e-read-marker"
+BASH_MARKER = "e2e-bash-output"
+UNSCRIPTED = "E2E-UNSCRIPTED"
+TITLE_JSON = '{"title": "Scripted end-to-end session"}'
+
+
+class E2EError(RuntimeError):
+    """A step of the end-to-end run failed; the message says which and shows the evidence."""
+
+
+# --- the CLI ----------------------------------------------------------------------------------------
+
+
+def ensure_cli(package: str = CLI_PACKAGE) -> Path:
+    """The claude binary under .claude-cli/, installed with npm when missing."""
+    if CLI.exists():
+        return CLI
+    npm = shutil.which("npm")
+    if npm is None:
+        raise E2EError("npm is not installed: cannot install the Claude Code CLI")
+    CLI_DIR.mkdir(exist_ok=True)
+    print(f"e2e: installing {package} into {CLI_DIR} ...", flush=True)
+    proc = subprocess.run([npm, "install", "--prefix", str(CLI_DIR), "--no-audit", "--no-fund", package],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 or not CLI.exists():
+        raise E2EError(f"npm install {package} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return CLI
+
+
+def cli_version(cli: Path) -> str:
+    out = subprocess.run([str(cli), "--version"], capture_output=True, text=True, timeout=60)
+    return out.stdout.strip()
+
+
+def cli_env(home: Path, proxy_port: int) -> dict[str, str]:
+    """The environment Claude Code runs with: our endpoint, a throwaway HOME, nothing inherited."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_", "CLAUDECODE"))}
+    env.update({
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{proxy_port}",
+        "ANTHROPIC_API_KEY": "local-e2e-key",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "IS_SANDBOX": "1",  # root may use --dangerously-skip-permissions
+        "NO_COLOR": "1",
+    })
+    env.pop("XDG_CONFIG_HOME", None)
+    return env
+
+
+@dataclass
+class CliRun:
+    label: str
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run_claude(cli: Path, env: dict[str, str], cwd: Path, prompt: str, *, cont: bool, label: str,
+               model: str = CLI_MODEL, timeout: float = TURN_TIMEOUT) -> CliRun:
+    """One `claude -p` turn in its own process group (killed with all its children on timeout)."""
+    argv = [str(cli), "-p", prompt, "--model", model, "--dangerously-skip-permissions"]
+    if cont:
+        argv.insert(1, "--continue")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        raise E2EError(f"{label}: claude did not finish within {timeout:.0f}s\nstdout: {out[-1500:]}\nstderr: {err[-1500:]}") from None
+    finally:
+        _kill_group(proc)  # on any exit: claude if still running, and tool subprocesses left behind
+    return CliRun(label, argv[1:], proc.returncode, out, err, round(time.monotonic() - t0, 2))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
+
+# --- workspace and script -------------------------------------------------------------------------
+
+
+def make_workspace(root: Path) -> tuple[Path, Path]:
+    """(HOME, working folder): a throwaway home and a small git repository with two files."""
+    home, work = root / "home", root / "work"
+    home.mkdir(parents=True)
+    work.mkdir(parents=True)
+    (work / "hello.py").write_text(f'print("{READ_MARKER}: hello from the e2e repo")\n')
+    (work / "README.md").write_text("# e2e demo\n\nA throwaway repository for the ccwarm end-to-end run.\n")
+    git = ["git", "-c", "user.name=ccwarm e2e", "-c", "user.email=e2e@example.invalid", "-c", "init.defaultBranch=main"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "Initial commit"]):
+        subprocess.run([*git, *args], cwd=work, check=True, capture_output=True, env={**os.environ, "HOME": str(home)})
+    return home, work
+
+
+@dataclass(frozen=True)
+class ToolNames:
+    """What the captured request offers: the names our scripted calls use, checked against the schemas."""
+
+    bash: str
+    read: str
+    agent: str
+    agent_types: tuple[str, ...]
+    all_names: tuple[str, ...]
+
+
+def tool_call(name: str, args: dict[str, Any]) -> str:
+    from cache_backend.render import tool_call_markup
+
+    return tool_call_markup(name, args)
+
+
+def forced_replies(work: Path, tools: ToolNames) -> list[dict[str, str]]:
+    """The forced-replies script: first entry whose `when` is in the last message's JSON wins."""
+    subagent_type = "general-purpose" if "general-purpose" in tools.agent_types or not tools.agent_types else tools.agent_types[0]
+    return [
+        # Side request: session title generation (interactive mode), a json_schema answer.
+        {"when": "<session>", "reply": TITLE_JSON},
+        # Main thread, after the sub-agent reported back (its report is in the tool_result).
+        {"when": SUBAGENT_DONE, "reply": "The sub-agent read hello.py: it prints a greeting. E2E-ANSWER-3"},
+        # Sub-agent, after its Read call returned the file.
+        {"when": READ_MARKER, "reply": f"hello.py prints {READ_MARKER}. {SUBAGENT_DONE}"},
+        # Sub-agent, first request: its prompt.
+        {"when": "[[e2e-subagent]]", "reply": tool_call(tools.read, {"file_path": str(work / "hello.py")})},
+        # Main thread, after Bash returned.
+        {"when": BASH_MARKER, "reply": "The folder holds README.md and hello.py. E2E-ANSWER-2"},
+        {"when": "[[e2e-turn-1]]", "reply": "Hello! This answer comes from the local model. E2E-ANSWER-1"},
+        {"when": "[[e2e-turn-2]]", "reply": tool_call(tools.bash, {"command": f"echo {BASH_MARKER} && ls", "description": "List files"})},
+        {"when": "[[e2e-turn-3]]", "reply": tool_call(tools.agent, {"description": "Inspect hello.py",
+                                                                    "prompt": "[[e2e-subagent]] Read hello.py and say what it prints.",
+                                                                    "subagent_type": subagent_type})},
+        {"when": "[[e2e-turn-4]]", "reply": FINAL_ANSWER},
+        {"when": "[[e2e-session-2]]", "reply": NEW_SESSION_ANSWER},
+        # Interactive run.
+        {"when": "[[e2e-ui-1]]", "reply": "E2E-UI-ANSWER-1: hello on screen."},
+        # Not a read-only command, so the UI asks for permission first.
+        {"when": "[[e2e-ui-2]]", "reply": tool_call(tools.bash, {"command": "touch e2e-ui-created.txt && echo e2e-ui-bash",
+                                                                "description": "Create a file"})},
+        {"when": "e2e-ui-bash", "reply": "E2E-UI-ANSWER-2: created the file."},
+        # Anything else (a request we did not foresee): answer at once instead of sampling 32k tokens.
+        {"reply": UNSCRIPTED},
+    ]
+
+
+@dataclass(frozen=True)
+class Turn:
+    label: str
+    prompt: str
+    cont: bool
+    expect: str  # text that must be on stdout
+
+
+SESSION_A = (
+    Turn("A1 text", "[[e2e-turn-1]] Say hello.", False, "E2E-ANSWER-1"),
+    Turn("A2 bash", "[[e2e-turn-2]] List the files in this folder.", True, "E2E-ANSWER-2"),
+    Turn("A3 agent", "[[e2e-turn-3]] Ask a sub-agent what hello.py prints.", True, "E2E-ANSWER-3"),
+    Turn("A4 final", "[[e2e-turn-4]] Thanks. Summarise in one line.", True, FINAL_ANSWER),
+)
+SESSION_B = (Turn("B1 new session", "[[e2e-session-2]] Hello again, new session.", False, NEW_SESSION_ANSWER),)
+
+
+def probe_tools(cli: Path, root: Path) -> tuple[ToolNames, dict[str, Any]]:
+    """One real request captured by a recording upstream: which tools (and input schemas) it offers."""
+    home, work = make_workspace(root)
+    upstream = RecordingUpstream(hold_seconds=0.0)
+    with upstream.serve():
+        run = run_claude(cli, cli_env(home, upstream.port), work, "[[e2e-probe]] hi", cont=False, label="probe", timeout=90)
+    posts = [r for r in upstream.requests if r.method == "POST" and payload.is_messages_path(r.path)]
+    bodies = [json.loads(r.body) for r in posts if "count_tokens" not in r.path]
+    main = next((b for b in bodies if b.get("tools")), None)
+    if main is None:
+        raise E2EError(f"probe: no /v1/messages request with tools was captured (claude rc={run.returncode}: {run.stderr[-1000:]})")
+    schemas = {t["name"]: t.get("input_schema", {}) for t in main["tools"] if isinstance(t, dict) and "name" in t}
+    names = tuple(schemas)
+
+    def pick(*candidates: str, required: tuple[str, ...]) -> str:
+        for c in candidates:
+            if c in schemas:
+                props = schemas[c].get("properties", {})
+                missing = [r for r in schemas[c].get("required", []) if r not in required]
+                unknown = [r for r in required if r not in props]
+                if missing or unknown:
+                    raise E2EError(f"probe: tool {c} schema changed: required {schemas[c].get('required')}, properties {list(props)}")
+                return c
+        raise E2EError(f"probe: none of {candidates} among the offered tools {names}")
+
+    agent = pick("Agent", "Task", required=("description", "prompt", "subagent_type"))
+    agent_types: tuple[str, ...] = ()
+    enum = schemas[agent].get("properties", {}).get("subagent_type", {}).get("enum")
+    if isinstance(enum, list):
+        agent_types = tuple(enum)
+    else:  # listed in a reminder: "Available agent types for the Agent tool:\n- general-purpose: ..."
+        text = "\n".join(b.get("text", "") for m in main["messages"] if isinstance(m.get("content"), list)
+                         for b in m["content"] if isinstance(b, dict))
+        section = re.search(r"Available agent types[^\n]*\n((?:- [^\n]*\n?)+)", text)
+        if section:
+            agent_types = tuple(re.findall(r"^- ([\w-]+):", section.group(1), re.M))
+    found = ToolNames(bash=pick("Bash", required=("command", "description")), read=pick("Read", required=("file_path",)),
+                      agent=agent, agent_types=agent_types, all_names=names)
+    info = {"tools": list(names), "agent_tool": agent, "agent_types": list(agent_types),
+            "schemas": {n: schemas[n] for n in (found.bash, found.read, found.agent)},
+            "body_keys": sorted(main), "beta": next((r.headers.get("anthropic-beta") for r in posts), None)}
+    return found, info
+
+
+# --- the chain ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    proxy_port: int
+    server_url: str
+    server_log: Path
+    mitm_log: Path
+    flows: Path
+    normalize: bool
+    stability: bool
+
+
+@contextlib.contextmanager
+def chain(root: Path, model_dir: Path, script: Path, *, normalize: bool, cache_args: tuple[str, ...] = (),
+          max_context: int = MAX_CONTEXT) -> Iterator[Stack]:
+    """Companion server + mitmdump before it, on free loopback ports; both stopped when the block ends."""
+    server_log, mitm_log, flows = root / "server.log", root / "mitmdump.log", root / "flows.mitm"
+    args = ("--model", str(model_dir), "--cache-dir", str(root / "cache"), "--max-context", str(max_context),
+            "--max-output-tokens", "1024", "--test-forced-replies", str(script), *cache_args)
+    scripts = ["addons/normalize.py"]
+    stability = (REPO / STABILITY_ADDON).exists()
+    if stability:
+        scripts.append(STABILITY_ADDON)
+    options = [f"save_stream_file={flows}", f"normalize={'true' if normalize else 'false'}"]
+    if stability:
+        options.append("stability_wait_ms=500")  # flags on the flow before -w saves it
+    with companion_server(*args, log=server_log) as server, \
+            mitmdump(server.port, *scripts, options=tuple(options), log=mitm_log) as (port, _):
+        yield Stack(port, server.url, server_log, mitm_log, flows, normalize, stability)
+
+
+# --- analysis ------------------------------------------------------------------------------------
+
+_SERVER_LINE = re.compile(r"request (?P<id>\S+) prompt=(?P<prompt>\d+) restored=(?P<restored>\d+) prefilled=(?P<prefilled>\d+) "
+                          r"ttft=(?P<ttft>[\d.]+)s? output=(?P<output>\d+) stop=(?P<stop>\S+)")
+_SERVER_REJECT = re.compile(r"(?P<method>POST|GET) (?P<path>\S+) -> (?P<status>4\d\d|5\d\d) (?P<type>\S+): (?P<message>.*)")
+
+
+def server_lines(log_text: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for m in _SERVER_LINE.finditer(log_text):
+        out[m["id"]] = {"prompt": int(m["prompt"]), "restored": int(m["restored"]), "prefilled": int(m["prefilled"]),
+                        "ttft_s": float(m["ttft"]), "output": int(m["output"]), "stop": m["stop"]}
+    return out
+
+
+def server_rejections(log_text: str) -> list[dict[str, str]]:
+    return [m.groupdict() for m in _SERVER_REJECT.finditer(log_text)]
+
+
+def parse_sse(raw: bytes) -> dict[str, Any]:
+    """Text, tool calls, stop reason and usage of a streamed reply."""
+    text, tools, stop, usage = [], [], None, {}
+    for line in raw.decode("utf-8", "replace").splitlines():
+        if not line.startswith("data:"):
+            continue
+        try:
+            ev = json.loads(line[5:])
+        except ValueError:
+            continue
+        t = ev.get("type")
+        if t == "message_start":
+            usage = dict(ev.get("message", {}).get("usage") or {})
+        elif t == "content_block_start" and ev.get("content_block", {}).get("type") == "tool_use":
+            tools.append(ev["content_block"].get("name"))
+        elif t == "content_block_delta" and ev.get("delta", {}).get("type") == "text_delta":
+            text.append(ev["delta"].get("text", ""))
+        elif t == "message_delta":
+            stop = ev.get("delta", {}).get("stop_reason")
+            usage.update({k: v for k, v in (ev.get("usage") or {}).items() if v is not None})
+    return {"text": "".join(text), "tool_calls": tools, "stop_reason": stop, "usage": usage}
+
+
+def read_flows(path: Path) -> list[Any]:
+    from mitmproxy import io as mio
+
+    if not path.exists():
+        return []
+    with open(path, "rb") as f:
+        flows = [fl for fl in mio.FlowReader(f).stream() if getattr(fl, "request", None) is not None]
+    return sorted(flows, key=lambda fl: fl.request.timestamp_start)
+
+
+@dataclass
+class RequestRecord:
+    n: int
+    session: str  # A, B, ... in order of first appearance of the session id
+    kind: str
+    agent_id: str | None
+    path: str
+    status: int | None
+    request_id: str | None
+    prompt: int | None = None
+    restored: int | None = None
+    prefilled: int | None = None
+    ttft_s: float | None = None
+    output: int | None = None
+    ideal_prefilled: int | None = None
+    system_tools: int | None = None  # tokens of the rendered system + tools prefix
+    rendered: int | None = None  # our rendering's token count (== prompt when it matches the server)
+    billing_forwarded: bool = False
+    normalize_dropped: list[str] = field(default_factory=list)
+    verdict: str = ""
+    verdict_source: str = ""
+    first_break_block: str | None = None
+    cross_session: str | None = None  # first request of a later session vs the previous session
+    cross_session_block: str | None = None
+    reply: str = ""
+    tool_calls: list[str] = field(default_factory=list)
+    stop_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+class PromptRenderer:
+    """The server's own rendering (cache_backend.render) of a forwarded body, for token counts."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from mlx_lm.utils import load_tokenizer
+
+        from cache_backend.render import Renderer
+
+        config = json.loads((model_dir / "config.json").read_text())
+        tok = load_tokenizer(model_dir, {}, eos_token_ids=config.get("eos_token_id"))
+        tok.model_max_length = sys.maxsize
+        self.renderer = Renderer(tok)
+
+    def render(self, body: dict[str, Any]):
+        from cache_backend.validate import parse_messages_request
+
+        return self.renderer.render(parse_messages_request(body))
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def ideal_restorable(rendered: list[Any]) -> list[int | None]:
+    """Per request: tokens a cache holding every earlier prompt and its reply could restore.
+
+    Longest common token prefix with any earlier prompt; when an earlier prompt is a whole prefix
+    of this one, its reply (the assistant message right after it) counts as cached too.
+    """
+    out: list[int | None] = []
+    for i, rp in enumerate(rendered):
+        if rp is None:
+            out.append(None)
+            continue
+        best = 0
+        for prev in rendered[:i]:
+            if prev is None:
+                continue
+            n = _lcp(rp.tokens, prev.tokens)
+            if n == len(prev.tokens) and n < len(rp.tokens):
+                after = [e for e in rp.message_ends if e > n]
+                n = min(after) if after else n
+            best = max(best, n)
+        out.append(min(best, len(rp.tokens)))
+    return out
+
+
+def _verdict_of(meta: dict[str, Any]) -> tuple[str, str | None]:
+    if meta.get("first"):
+        return "first request of its conversation", None
+    breaks = meta.get("prefix_breaks") or []
+    if breaks:
+        b = breaks[0]
+        more = f" (+{len(breaks) - 1} more)" if len(breaks) > 1 else ""
+        return f"prefix break at {b.get('path')}: {b.get('reason')}{more}", b.get("block")
+    return f"stable ({len(meta.get('growth') or [])} appended, {len(meta.get('json_only') or [])} json-only)", None
+
+
+def _block_of(diff: Any) -> str | None:
+    breaks = diff.prefix_breaks
+    return breaks[0].block if breaks else None
+
+
+def analyse(stack: Stack, model_dir: Path | None) -> tuple[list[RequestRecord], list[dict[str, str]]]:
+    """Per-request records from the flow file, the server log, and our own rendering and diffs."""
+    from ccwarm import stability as stab
+
+    log_text = stack.server_log.read_text(errors="replace") if stack.server_log.exists() else ""
+    lines = server_lines(log_text)
+    renderer = None
+    if model_dir is not None:
+        try:
+            renderer = PromptRenderer(model_dir)
+        except Exception as e:  # token counts then come from the server only
+            print(f"e2e: cannot render prompts offline ({e}); no ideal/system+tools counts", file=sys.stderr)
+    tracker = stab.StabilityTracker()
+    sessions: dict[str, str] = {}
+    records: list[RequestRecord] = []
+    rendered: list[Any] = []
+    last_main: dict[str, dict[str, Any]] = {}  # session label -> last main body
+    for fl in read_flows(stack.flows):
+        req = fl.request
+        if req.method != "POST" or not payload.is_messages_path(req.path):
+            continue
+        raw = req.raw_content or b""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = {}
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        ident = payload.identify(body, headers)
+        dropped = (fl.metadata.get("ccwarm.normalize") or {}).get("dropped") or []
+        kind = str(ident.kind)
+        billing = [payload.parse_billing_header(d.get("text") or "") for d in dropped]
+        if kind == "main" and any(b is not None and b.is_subagent for b in billing):
+            kind = "subagent"  # normalize took the `cc_is_subagent=true` block out of the body
+        sid = ident.session_id or "?"
+        sessions.setdefault(sid, chr(ord("A") + len(sessions)))
+        resp = fl.response
+        rid = resp.headers.get("request-id") if resp is not None else None
+        rec = RequestRecord(n=len(records) + 1, session=sessions[sid], kind=kind, agent_id=ident.agent_id,
+                            path=req.path, status=resp.status_code if resp is not None else None, request_id=rid,
+                            billing_forwarded=BILLING in raw.decode("utf-8", "replace").lower(),
+                            normalize_dropped=[f"{d.get('where')}: {d.get('reason')}" for d in dropped])
+        if resp is not None and resp.content:
+            sse = parse_sse(resp.content) if "event-stream" in resp.headers.get("content-type", "") else {}
+            rec.reply, rec.tool_calls = sse.get("text", ""), sse.get("tool_calls", [])
+            rec.stop_reason, rec.usage = sse.get("stop_reason"), sse.get("usage", {})
+        if rid in lines:
+            s = lines[rid]
+            rec.prompt, rec.restored, rec.prefilled = s["prompt"], s["restored"], s["prefilled"]
+            rec.ttft_s, rec.output = s["ttft_s"], s["output"]
+        # Stability verdict: the addon's, else our own diff with the same module.
+        is_count = "count_tokens" in req.path
+        obs = tracker.observe(body, headers, label=str(rec.n)) if body and not is_count else None
+        meta = fl.metadata.get("ccwarm.stability")
+        if meta:
+            rec.verdict, rec.first_break_block = _verdict_of(meta)
+            rec.verdict_source = "stability addon"
+        elif obs is not None:
+            rec.verdict = obs.summary_line()
+            rec.first_break_block = _block_of(obs.diff) if obs.diff else None
+            rec.verdict_source = "ccwarm.stability"
+        if kind == "main" and body and not is_count:
+            if rec.session not in last_main:
+                earlier = [s for s in last_main if s != rec.session]
+                if earlier:
+                    diff = stab.compare(last_main[earlier[-1]], body)
+                    rec.cross_session = f"vs session {earlier[-1]}: {diff.summary_line()}"
+                    rec.cross_session_block = _block_of(diff)
+            last_main[rec.session] = body
+        rp = ideal_rp = None
+        if renderer is not None and body and not is_count:
+            try:
+                rp = renderer.render(body)
+                rec.rendered, rec.system_tools = len(rp.tokens), rp.prefix_end
+                # The ideal is taken without the volatile blocks, whether or not normalize ran.
+                stripped = payload.strip_volatile(raw)
+                ideal_rp = renderer.render(json.loads(stripped.body)) if stripped.changed else rp
+            except Exception as e:
+                print(f"e2e: request {rec.n}: offline render failed: {e}", file=sys.stderr)
+        records.append(rec)
+        rendered.append(ideal_rp)
+    for rec, rp, best in zip(records, rendered, ideal_restorable(rendered), strict=True):
+        if best is not None and rp is not None:
+            rec.ideal_prefilled = len(rp.tokens) - best
+    return records, server_rejections(log_text)
+
+
+def totals(records: list[RequestRecord]) -> dict[str, Any]:
+    done = [r for r in records if r.prompt is not None]
+
+    def total(attr: str) -> int:
+        return sum(getattr(r, attr) or 0 for r in done)
+
+    out = {"requests": len(records), "served": len(done), "prompt": total("prompt"), "restored": total("restored"),
+           "prefilled": total("prefilled"), "ttft_s": round(sum(r.ttft_s or 0 for r in done), 3)}
+    if done and all(r.ideal_prefilled is not None for r in done):
+        out["ideal_prefilled"] = total("ideal_prefilled")
+        out["prefilled_over_ideal"] = round(out["prefilled"] / out["ideal_prefilled"], 3) if out["ideal_prefilled"] else None
+    out["by_kind"] = {}
+    for kind in sorted({r.kind for r in done}):
+        ks = [r for r in done if r.kind == kind]
+        out["by_kind"][kind] = {"requests": len(ks), "prompt": sum(r.prompt or 0 for r in ks),
+                                "prefilled": sum(r.prefilled or 0 for r in ks)}
+    return out
+
+
+# --- one run: session A (4 turns) + session B ----------------------------------------------------
+
+
+def run_sessions(cli: Path, model_dir: Path, root: Path, tools: ToolNames, *, normalize: bool,
+                 turns: tuple[Turn, ...] = SESSION_A + SESSION_B, cache_args: tuple[str, ...] = (),
+                 max_context: int = MAX_CONTEXT) -> dict[str, Any]:
+    """Start the chain, drive the turns, stop the chain, analyse what went through."""
+    root.mkdir(parents=True, exist_ok=True)
+    home, work = make_workspace(root)
+    script = root / "forced_replies.json"
+    script.write_text(json.dumps(forced_replies(work, tools), indent=1))
+    runs: list[CliRun] = []
+    t0 = time.monotonic()
+    failure = None
+    with chain(root, model_dir, script, normalize=normalize, cache_args=cache_args, max_context=max_context) as stack:
+        env = cli_env(home, stack.proxy_port)
+        for turn in turns:
+            try:
+                run = run_claude(cli, env, work, turn.prompt, cont=turn.cont, label=turn.label)
+            except E2EError as e:
+                failure = str(e)
+                break
+            runs.append(run)
+            if run.returncode != 0 or turn.expect not in run.stdout:
+                failure = (f"{turn.label}: claude rc={run.returncode}, expected {turn.expect!r} on stdout\n"
+                           f"stdout: {run.stdout[-1500:]}\nstderr: {run.stderr[-1500:]}")
+                break
+    wall = time.monotonic() - t0
+    records, rejected = analyse(stack, model_dir)
+    return {
+        "normalize": normalize,
+        "stability_addon": stack.stability,
+        "turns": [{"label": r.label, "argv": r.argv, "rc": r.returncode, "seconds": r.seconds,
+                   "stdout": r.stdout.strip()[-500:], "stderr": r.stderr.strip()[-500:]} for r in runs],
+        "requests": [asdict(r) for r in records],
+        "totals": totals(records),
+        "server_rejections": rejected,
+        "failure": failure,
+        "wall_s": round(wall, 2),
+        "root": str(root),
+        "logs": {"server": str(stack.server_log), "mitmdump": str(stack.mitm_log), "flows": str(stack.flows)},
+    }
+
+
+def tiny_model(root: Path) -> Path:
+    from cache_backend.tiny_model import make_tiny_model
+
+    return Path(make_tiny_model(root / "tiny-model", seed=0))
+
+
+def resolve_model(model: str | None, root: Path) -> Path:
+    if not model:
+        return tiny_model(root)
+    if Path(model).is_dir():
+        return Path(model).resolve()
+    from mlx_lm.utils import hf_repo_to_path
+
+    return Path(hf_repo_to_path(model))
+
+
+def run_comparison(cli: Path, model_dir: Path, root: Path, *, modes: tuple[bool, ...] = (True, False),
+                   probed: tuple[ToolNames, dict[str, Any]] | None = None, max_context: int = MAX_CONTEXT) -> dict[str, Any]:
+    """Probe the tool list once (unless given), then the same sessions with normalize on and off."""
+    tools, probe = probed or probe_tools(cli, root / "probe")
+    result: dict[str, Any] = {"cli_version": cli_version(cli), "cli_model": CLI_MODEL, "model": str(model_dir), "probe": probe, "runs": {}}
+    for normalize in modes:
+        name = "normalize_on" if normalize else "normalize_off"
+        result["runs"][name] = run_sessions(cli, model_dir, root / name, tools, normalize=normalize, max_context=max_context)
+    on, off = result["runs"].get("normalize_on"), result["runs"].get("normalize_off")
+    if on and off:
+        result["comparison"] = {"prefilled_on": on["totals"]["prefilled"], "prefilled_off": off["totals"]["prefilled"],
+                                "ideal_on": on["totals"].get("ideal_prefilled"), "ideal_off": off["totals"].get("ideal_prefilled"),
+                                "ttft_on_s": on["totals"]["ttft_s"], "ttft_off_s": off["totals"]["ttft_s"]}
+    return result
+
+
+# --- interactive mode under tmux -----------------------------------------------------------------
+
+
+def ensure_tmux() -> str:
+    """tmux, installed with apt-get when missing and we are root; E2EError otherwise."""
+    found = shutil.which("tmux")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("e2e: installing tmux (apt-get install -y tmux) ...", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "tmux"], env=env, capture_output=True, timeout=600)
+    found = shutil.which("tmux")
+    if not found:
+        raise E2EError("tmux is not installed and could not be installed (apt-get install -y tmux)")
+    return found
+
+
+class Tmux:
+    """A tmux server on a private socket (so nothing else's sessions are touched); killed on close."""
+
+    def __init__(self, name: str) -> None:
+        self.tmux = shutil.which("tmux")
+        if self.tmux is None:
+            raise E2EError("tmux is not installed (apt-get install -y tmux)")
+        self.dir = Path(tempfile.mkdtemp(prefix="ccwarm-tmux-"))  # short: socket paths are limited to ~100 bytes
+        self.socket = str(self.dir / "sock")
+        self.session = name
+        self.pane_pid: int | None = None
+
+    def _run(self, *args: str, check: bool = True) -> str:
+        proc = subprocess.run([self.tmux, "-S", self.socket, *args], capture_output=True, text=True, timeout=30)
+        if check and proc.returncode != 0:
+            raise E2EError(f"tmux {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def start(self, command: str, cwd: Path, width: int = 200, height: int = 50) -> None:
+        self._run("-f", "/dev/null", "new-session", "-d", "-s", self.session, "-x", str(width), "-y", str(height), "-c", str(cwd), command)
+        self._run("set-option", "-t", self.session, "remain-on-exit", "on", check=False)
+        self.pane_pid = int(self._run("display-message", "-p", "-t", self.session, "#{pane_pid}").strip())
+
+    def keys(self, *keys: str, literal: bool = False) -> None:
+        self._run("send-keys", "-t", self.session, *(["-l"] if literal else []), *keys)
+
+    def screen(self) -> str:
+        return self._run("capture-pane", "-p", "-J", "-t", self.session, check=False)
+
+    def close(self) -> None:
+        self._run("kill-server", check=False)
+        if self.pane_pid:  # the pane's process group (claude under its shell), if it survived SIGHUP
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pane_pid, signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_screen(tmux: Tmux, pattern: str, timeout: float, screens: list[str], answered: list[str]) -> str:
+    """Wait until `pattern` (regex) is on screen, answering the dialogs that come on the way."""
+    deadline = time.monotonic() + timeout
+    screen = ""
+    while time.monotonic() < deadline:
+        screen = tmux.screen()
+        if re.search(pattern, screen):
+            return screen
+        if "Yes, I trust this folder" in screen:
+            screens.append(screen)
+            tmux.keys("Enter")  # "1. Yes, I trust this folder" is preselected
+            answered.append("trust this folder: yes")
+            time.sleep(1.0)
+        elif "Do you want to use this API key?" in screen:
+            screens.append(screen)
+            if not re.search(r"❯\s*1\.\s*Yes", screen):
+                tmux.keys("Up")  # "2. No (recommended)" is preselected
+                time.sleep(0.3)
+            tmux.keys("Enter")
+            answered.append("use this API key: yes")
+            time.sleep(1.0)
+        elif "Do you want to proceed?" in screen and re.search(r"❯\s*1\.\s*Yes", screen):
+            screens.append(screen)
+            tmux.keys("Enter")  # a tool permission prompt: "1. Yes" is preselected
+            answered.append("tool permission: yes")
+            time.sleep(1.0)
+        time.sleep(0.25)
+    raise E2EError(f"interactive: {pattern!r} did not appear within {timeout:.0f}s; screen:\n{screen}")
+
+
+def run_interactive(cli: Path, model_dir: Path, root: Path, tools: ToolNames | None = None,
+                    timeout: float = TURN_TIMEOUT, max_context: int = MAX_CONTEXT) -> dict[str, Any]:
+    """`claude` (no -p) under tmux: first-run dialogs, two prompts (one with an approved Bash call)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if tools is None:
+        tools, _ = probe_tools(cli, root / "probe")
+    home, work = make_workspace(root / "ui")
+    # Offline, the onboarding's connectivity check (GET api.anthropic.com/api/hello) fails and blocks
+    # the UI, so the throwaway config marks onboarding done; the trust and API-key dialogs still come.
+    (home / ".claude.json").write_text(json.dumps({"hasCompletedOnboarding": True, "theme": "dark"}))
+    script = root / "forced_replies.json"
+    script.write_text(json.dumps(forced_replies(work, tools), indent=1))
+    screens: list[str] = []
+    answered: list[str] = []
+    steps: list[dict[str, Any]] = []
+    failure = None
+    t0 = time.monotonic()
+    with chain(root, model_dir, script, normalize=True, max_context=max_context) as stack:
+        env = cli_env(home, stack.proxy_port)
+        keep = ("HOME", "PATH", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "IS_SANDBOX",
+                "LANG", "LC_ALL")
+        env_args = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items() if k in keep)
+        command = f"env -i {env_args} TERM=xterm-256color {shlex.quote(str(cli))} --model {CLI_MODEL}"
+        tmux = Tmux("ccwarm-e2e")
+        try:
+            tmux.start(command, work)
+            ready = r"\? for shortcuts"
+            _wait_screen(tmux, ready, timeout, screens, answered)
+            for prompt, expect in (("[[e2e-ui-1]] Say hello.", "E2E-UI-ANSWER-1"), ("[[e2e-ui-2]] Create a file.", "E2E-UI-ANSWER-2")):
+                started = time.monotonic()
+                tmux.keys(prompt, literal=True)
+                time.sleep(0.3)
+                tmux.keys("Enter")
+                screen = _wait_screen(tmux, re.escape(expect), timeout, screens, answered)
+                screens.append(screen)
+                steps.append({"prompt": prompt, "expect": expect, "seconds": round(time.monotonic() - started, 2)})
+            tmux.keys("C-c")
+            time.sleep(0.3)
+            tmux.keys("C-c")
+        except E2EError as e:
+            failure = str(e)
+        finally:
+            screens.append(tmux.screen())
+            tmux.close()
+    records, rejected = analyse(stack, model_dir)
+    return {"steps": steps, "dialogs_answered": answered, "screens": screens, "failure": failure,
+            "wall_s": round(time.monotonic() - t0, 2),
+            "requests": [asdict(r) for r in records], "totals": totals(records), "server_rejections": rejected,
+            "logs": {"server": str(stack.server_log), "mitmdump": str(stack.mitm_log), "flows": str(stack.flows)}}
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def table(run: dict[str, Any]) -> str:
+    head = ["#", "sess", "kind", "prompt", "restored", "prefilled", "ideal", "sys+tools", "ttft s", "billing fwd", "reply", "stability"]
+    rows = []
+    for r in run["requests"]:
+        reply = (r["reply"] or "").replace("\n", " ")
+        if r["tool_calls"]:
+            reply = "tool_use " + ",".join(r["tool_calls"])
+        verdict = r["verdict"]
+        if r.get("cross_session"):
+            verdict += f" (new session: see #{r['n']} below)"
+        rows.append([r["n"], r["session"], r["kind"], r["prompt"], r["restored"], r["prefilled"], r["ideal_prefilled"],
+                     r["system_tools"], r["ttft_s"], "yes" if r["billing_forwarded"] else "no", reply[:28], verdict[:90]])
+    t = run["totals"]
+    rows.append(["", "", "total", t["prompt"], t["restored"], t["prefilled"], t.get("ideal_prefilled"), "", t["ttft_s"], "", "", ""])
+    cells = [[_fmt(c) for c in row] for row in [head, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    left = (1, 2, 9, 10, 11)
+    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"#{r['n']} {r['cross_session']}" for r in run["requests"] if r.get("cross_session")]
+    return "\n".join(lines)
+
+
+def report(result: dict[str, Any]) -> str:
+    out = []
+    for name, run in result.get("runs", {}).items():
+        out.append(f"\n== {name} (stability addon: {'yes' if run['stability_addon'] else 'no'}; wall {run['wall_s']}s) ==")
+        out.append(table(run))
+        if run["server_rejections"]:
+            out.append("server rejected: " + "; ".join(f"{r['status']} {r['path']}: {r['message']}" for r in run["server_rejections"]))
+        if run["failure"]:
+            out.append("FAILED: " + run["failure"])
+    if "comparison" in result:
+        c = result["comparison"]
+        out.append(f"\nprefilled tokens: normalize on {c['prefilled_on']} (ideal {c['ideal_on']}), "
+                   f"normalize off {c['prefilled_off']} (ideal {c['ideal_off']}); "
+                   f"summed TTFT {c['ttft_on_s']}s on vs {c['ttft_off_s']}s off")
+    if "interactive" in result:
+        ui = result["interactive"]
+        out.append(f"\n== interactive (tmux; wall {ui['wall_s']}s) ==")
+        out.append(table(ui | {"stability_addon": True}))
+        out.append("steps: " + "; ".join(f"{s['prompt']!r} -> {s['expect']} in {s['seconds']}s" for s in ui["steps"]))
+        out.append("dialogs answered: " + ", ".join(ui["dialogs_answered"]))
+        if ui["failure"]:
+            out.append("FAILED: " + ui["failure"])
+        elif ui["screens"]:
+            out.append("last screen:\n" + "\n".join(line for line in ui["screens"][-2].splitlines() if line.strip()))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="model for the companion server (default: the tiny random-weight test model)")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results (default: %(default)s)")
+    ap.add_argument("--interactive", action="store_true", help="drive the interactive UI under tmux instead of `claude -p`")
+    ap.add_argument("--max-context", type=int, default=MAX_CONTEXT, help="the server's context limit in tokens (default: %(default)s)")
+    ap.add_argument("--only", choices=("on", "off"), help="run only normalize on or off")
+    ap.add_argument("--keep", type=Path,
+                    help="keep logs, flow files and workspaces under this folder (default: a temp folder, removed unless the run fails)")
+    args = ap.parse_args(argv)
+
+    cli = ensure_cli()
+    root = args.keep.resolve() if args.keep else Path(tempfile.mkdtemp(prefix="ccwarm-e2e-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        model_dir = resolve_model(args.model, root)
+        if args.interactive:
+            ensure_tmux()
+            result: dict[str, Any] = {"cli_version": cli_version(cli), "model": str(model_dir),
+                                      "interactive": run_interactive(cli, model_dir, root / "interactive", max_context=args.max_context)}
+            failed = bool(result["interactive"]["failure"])
+        else:
+            modes = {"on": (True,), "off": (False,)}.get(args.only or "", (True, False))
+            result = run_comparison(cli, model_dir, root, modes=modes, max_context=args.max_context)
+            failed = any(r["failure"] for r in result["runs"].values())
+        print(report(result))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+        print(f"\nwrote {args.json}")
+        if failed:
+            print(f"logs, flow files and workspaces kept in {root}")
+            return 1
+    except BaseException:
+        print(f"e2e: failed; logs, flow files and workspaces kept in {root}", file=sys.stderr)
+        raise
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
