@@ -44,7 +44,7 @@ def _paragraph(rng: random.Random, sentences: int) -> str:
     return " ".join(_sentence(rng) for _ in range(sentences))
 
 
-def _text_of_size(rng: random.Random, size: int) -> str:
+def text_of_size(rng: random.Random, size: int) -> str:
     parts: list[str] = []
     n = 0
     while n < size:
@@ -73,7 +73,7 @@ def make_tool(rng: random.Random, name: str, description_size: int) -> dict[str,
     props = {f"{rng.choice(_WORDS)}_{i}": _schema_property(rng) for i in range(rng.randint(2, 6))}
     return {
         "name": name,
-        "description": _text_of_size(rng, description_size),
+        "description": text_of_size(rng, description_size),
         "input_schema": {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "type": "object",
@@ -129,7 +129,7 @@ class SessionGenerator:
         self.device_id = hashlib.sha256(f"device{self.spec.seed}".encode()).hexdigest()
         self.tools = self._make_tools()
         self.identity = "You are Claude Code, a command line assistant for software engineering work."
-        self.instructions = _text_of_size(self.rng, self.spec.system_bytes)
+        self.instructions = text_of_size(self.rng, self.spec.system_bytes)
         self.messages: list[dict[str, Any]] = []
         self._turn = 0
         self._version_suffix = hashlib.sha256(f"first{self.spec.seed}".encode()).hexdigest()[:3]
@@ -144,7 +144,7 @@ class SessionGenerator:
         for tool, w in zip(tools, weights):
             extra = int(room * w / total)
             if extra > 2:
-                tool["description"] += "\n\n" + _text_of_size(self.rng, extra - 2)
+                tool["description"] += "\n\n" + text_of_size(self.rng, extra - 2)
         return tools
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -174,10 +174,19 @@ class SessionGenerator:
     def metadata(self) -> dict[str, str]:
         return {"user_id": json.dumps({"device_id": self.device_id, "account_uuid": "", "session_id": self.session_id})}
 
-    def _finish(self, body: dict[str, Any], *, subagent: bool = False, label: str, agent_id: str | None = None) -> Request:
+    def request(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None, label: str,
+                subagent: bool = False, instructions: str | None = None, agent_id: str | None = None,
+                **fields: Any) -> Request:
+        """The request Claude Code would send for this history; `fields` override body keys (max_tokens, ...)."""
+        body = self._body(messages, tools=tools)
+        body.update(fields)
+        return self._finish(body, subagent=subagent, label=label, agent_id=agent_id, instructions=instructions)
+
+    def _finish(self, body: dict[str, Any], *, subagent: bool = False, label: str, agent_id: str | None = None,
+                instructions: str | None = None) -> Request:
         # cch is derived from the body, so it changes on every request, as in the versions that send it.
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:5] if self.spec.with_cch else None
-        body["system"] = self.system(digest, subagent=subagent, instructions=body.pop("_instructions", None))
+        body["system"] = self.system(digest, subagent=subagent, instructions=instructions)
         ordered = {k: body[k] for k in ("model", "messages", "system", "tools", "metadata", "max_tokens", "thinking", "context_management", "output_config", "stream") if k in body}
         return Request(body=ordered, headers=self.headers(agent_id), label=label)
 
@@ -219,7 +228,7 @@ class SessionGenerator:
     def first_user_message(self, prompt: str) -> dict[str, Any]:
         reminder = (
             "<system-reminder>\nAs you answer the user's questions, you can use the following context:\n"
-            f"# claudeMd\n{_text_of_size(self.rng, 1500)}\n\nToday's date is {self.spec.date}.\n</system-reminder>"
+            f"# claudeMd\n{text_of_size(self.rng, 1500)}\n\nToday's date is {self.spec.date}.\n</system-reminder>"
         )
         return {"role": "user", "content": [{"type": "text", "text": reminder}, {"type": "text", "text": prompt}]}
 
@@ -227,7 +236,7 @@ class SessionGenerator:
         """The main thread: a first prompt, then tool calls and results, then a final answer."""
         out: list[Request] = []
         msgs = [self.first_user_message("Look at the project and tell me what the build does.")]
-        out.append(self._finish(self._body(msgs, tools=self.tools), label="main 1"))
+        out.append(self.request(msgs, tools=self.tools, label="main 1"))
         for turn in range(2, self.spec.turns + 1):
             tool = self.rng.choice(self.tools[:6])
             tool_id = f"toolu_{hashlib.sha256(f'{self.spec.seed}-{turn}'.encode()).hexdigest()[:24]}"
@@ -235,13 +244,13 @@ class SessionGenerator:
                 {"type": "text", "text": _sentence(self.rng)},
                 {"type": "tool_use", "id": tool_id, "name": tool["name"], "input": {"path": f"src/{self.rng.choice(_WORDS)}.py"}},
             ]})
-            result = {"type": "tool_result", "tool_use_id": tool_id, "content": _text_of_size(self.rng, self.rng.randint(400, 3000))}
+            result = {"type": "tool_result", "tool_use_id": tool_id, "content": text_of_size(self.rng, self.rng.randint(400, 3000))}
             if turn == 4:
                 result["is_error"] = True
             msgs.append({"role": "user", "content": [result]})
             if turn == 5:
                 msgs.append({"role": "system", "content": "The user changed the permission mode to accept edits."})
-            out.append(self._finish(self._body(msgs, tools=self.tools), label=f"main {turn}"))
+            out.append(self.request(msgs, tools=self.tools, label=f"main {turn}"))
         self.messages = msgs
         return out
 
@@ -251,24 +260,22 @@ class SessionGenerator:
         body["max_tokens"] = 512
         body["output_config"] = {"format": {"type": "json_schema", "schema": {
             "type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"], "additionalProperties": False}}}
-        body["_instructions"] = "Generate a concise title for this conversation. Answer with JSON."
-        return self._finish(body, label="side: title")
+        return self._finish(body, label="side: title", instructions="Generate a concise title for this conversation. Answer with JSON.")
 
     def subagent_requests(self, turns: int = 2) -> list[Request]:
         """A sub-agent: a different system prompt and a subset of the tools, its own agent id."""
         agent_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
-        instructions = _text_of_size(self.rng, self.spec.system_bytes // 3)
+        instructions = text_of_size(self.rng, self.spec.system_bytes // 3)
         tools = self.tools[:8]
         msgs: list[dict[str, Any]] = [{"role": "user", "content": "Find every place that reads the build configuration."}]
         out = []
         for turn in range(1, turns + 1):
-            body = self._body(msgs, tools=tools)
-            body["_instructions"] = instructions
-            out.append(self._finish(body, subagent=True, label=f"subagent {turn}", agent_id=agent_id))
+            out.append(self.request(msgs, tools=tools, subagent=True, instructions=instructions,
+                                    label=f"subagent {turn}", agent_id=agent_id))
             tool_id = f"toolu_sub{turn:021d}"
             msgs = msgs + [
                 {"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Grep", "input": {"pattern": "config"}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": [{"type": "text", "text": _text_of_size(self.rng, 600)}]}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": [{"type": "text", "text": text_of_size(self.rng, 600)}]}]},
             ]
         return out
 
