@@ -133,15 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     on_output = renderer.remember_output
     disk_dir = getattr(getattr(getattr(prefix_cache, "store", None), "disk", None), "dir", None)
     if disk_dir is not None:
-        from cache_backend.output_log import OutputLog
+        from cache_backend.token_log import TokenLog, tokenizer_id
 
-        outputs = OutputLog(disk_dir / "outputs.jsonl")
+        outputs = TokenLog(disk_dir / "outputs.jsonl")
         for text, tokens in outputs.load():
             renderer.remember_output(text, tokens)
 
         def on_output(text: str, tokens: list[int]) -> None:
             renderer.remember_output(text, tokens)
             outputs.append(text, tokens)
+
+        # Segment tokens depend on the tokenizer files too, which the model fingerprint omits.
+        segments = TokenLog(disk_dir / f"segments-{tokenizer_id(model_dir)}.jsonl", limit=4096)
+        for key, tokens in segments.load():
+            renderer.remember_segment(key, tokens)
+        renderer.on_segment = segments.append
 
     metrics = ServerMetrics()
     engine = Engine(model, tokenizer, prefix_cache, prefill_chunk=args.prefill_chunk,

@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,6 +155,9 @@ class Renderer:
         self.tok = tokenizer
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._memo_size = memo_size
+        # Told of every newly tokenized segment (key, tokens): e.g. TokenLog.append, so that
+        # remember_segment can bring the memo back after a restart.
+        self.on_segment: Callable[[str, list[int]], None] | None = None
         self._preambles: dict[str, str] = {}
         # Text the model generated -> the exact tokens it generated (see remember_output).
         self._outputs: OrderedDict[str, list[int]] = OrderedDict()
@@ -335,10 +339,17 @@ class Renderer:
             self._memo.move_to_end(key)
         return v
 
-    def _memo_put(self, key: str, tokens: list[int]) -> None:
+    def remember_segment(self, key: str, tokens: list[int]) -> None:
+        """A segment tokenized earlier (by this renderer, before a restart)."""
         self._memo[key] = tokens
+        self._memo.move_to_end(key)
         if len(self._memo) > self._memo_size:
             self._memo.popitem(last=False)
+
+    def _memo_put(self, key: str, tokens: list[int]) -> None:
+        self.remember_segment(key, tokens)
+        if self.on_segment is not None:
+            self.on_segment(key, tokens)
 
     def render(self, req: MessagesRequest) -> RenderedPrompt:
         """The prompt for `req`, ending with the generation prompt (and any assistant prefill)."""
@@ -415,7 +426,13 @@ class Renderer:
             segs[k] = toks
             self._memo_put(keys[k], toks)
 
-        tokens = self.encode(preamble)
+        tokens: list[int] = []
+        if preamble:
+            pre = self._memo_get(tools_key)
+            if pre is None:
+                pre = self.encode(preamble)
+                self._memo_put(tools_key, pre)
+            tokens = list(pre)
         prefix_end = len(tokens)
         ends = []
         for s in segs:

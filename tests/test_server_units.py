@@ -311,3 +311,45 @@ def test_remembered_output_tokens_are_reused(tokenizer: Any) -> None:
     own = r.render(req(convo)).tokens
     assert own != canonical
     assert own[: len(p1.tokens) + 5] == p1.tokens + nl * 4 + [tokenizer.eos_token_id]
+
+
+# --- token logs: what the renderer learned, across restarts -----------------------------------
+
+
+def test_segments_survive_a_restart_without_tokenizing_again(tokenizer: Any, tmp_path: Path) -> None:
+    from cache_backend.token_log import TokenLog
+
+    tools = [{"name": f"Tool{i}", "description": "Reads a file. " * 200, "input_schema": {"type": "object"}} for i in range(4)]
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
+    log = TokenLog(tmp_path / "segments.jsonl", limit=64)
+    before = Renderer(tokenizer)
+    before.on_segment = log.append
+    expected = before.render(req(convo, system="You are terse.", tools=tools)).tokens
+
+    after = Renderer(tokenizer)  # a restarted server
+    for key, tokens in TokenLog(tmp_path / "segments.jsonl", limit=64).load():
+        after.remember_segment(key, tokens)
+    encoded: list[str] = []
+    real = after.encode
+    after.encode = lambda text: (encoded.append(text), real(text))[1]
+    assert after.render(req(convo, system="You are terse.", tools=tools)).tokens == expected
+    assert max(map(len, encoded)) < 40, encoded  # only the generation prompt, not the ~11 KB of tools
+
+
+def test_token_log_skips_bad_lines_keeps_the_newest_and_compacts(tmp_path: Path) -> None:
+    from cache_backend.token_log import TokenLog
+
+    path = tmp_path / "log.jsonl"
+    log = TokenLog(path, limit=3)
+    log.append("a", [1, 2])
+    with path.open("a") as f:
+        f.write('{"key": "torn", "tokens": [1, 2\n')  # a write cut short
+        f.write('{"key": "b", "tokens": ["x"]}\n')  # wrong type
+        f.write("not json\n")
+    for k in "bcdea":
+        log.append(k, [ord(k)])
+    assert TokenLog(path, limit=3).load() == [("d", [100]), ("e", [101]), ("a", [97])]
+    assert len(path.read_text().splitlines()) == 9  # 6 appended + 3 bad: not yet twice the limit
+    log.append("f", [102])  # the 7th line of its own: compacted to the newest 3
+    assert path.read_text().count("\n") == 3
+    assert TokenLog(path, limit=3).load() == [("e", [101]), ("a", [97]), ("f", [102])]
