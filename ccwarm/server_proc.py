@@ -19,17 +19,20 @@ from ccwarm.harness import REPO, free_port, stop_process
 
 
 class ServerProcess:
-    """`python -m cache_backend --host 127.0.0.1 --port P ARGS...`; output goes to `log_path`."""
+    """`python -m cache_backend --host 127.0.0.1 --port P ARGS...`; output goes to `log_path`
+    (or, with None, to this process's own terminal, as `make run` wants)."""
 
-    def __init__(self, *args: str, log_path: Path, port: int | None = None, timeout: float = 300.0,
+    def __init__(self, *args: str, log_path: Path | None, port: int | None = None, timeout: float = 300.0,
                  env: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = Path(log_path) if log_path is not None else None
         cmd = [sys.executable, "-m", "cache_backend", "--host", "127.0.0.1", "--port", str(self.port), *args]
-        self._out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, cwd=REPO,
+        self._out = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT if self._out else None, cwd=REPO,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         try:
             self._wait_healthy(timeout)
@@ -50,12 +53,15 @@ class ServerProcess:
         raise TimeoutError(f"server at {self.url} was not healthy within {timeout}s:\n{self.log()[-3000:]}")
 
     def log(self) -> str:
+        if self._out is None or self.log_path is None:
+            return ""
         self._out.flush()
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
         stop_process(self.proc, grace=20.0)  # a clean stop lets queued snapshot writes finish
-        self._out.close()
+        if self._out is not None:
+            self._out.close()
 
 
 @contextlib.contextmanager

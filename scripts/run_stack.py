@@ -4,105 +4,93 @@
 Without --upstream: starts `python -m cache_backend` (the bundled default model unless --model)
 and `mitmdump -s addons/normalize.py -s addons/stability.py` in reverse mode before it.
 With --upstream URL: only the proxy, in front of any Anthropic-compatible server.
-Prints the one command line that points Claude Code at the proxy.
+Prints the one command line that points Claude Code at the proxy. Ctrl-C (or SIGTERM) stops both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-# SmolLM2 was trained on 8k tokens; Claude Code's first prompt is ~22k. Raised so the chain works.
-DEFAULT_MAX_CONTEXT = 32768
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ccwarm.harness import BIN, REPO, stop_process, wait_for_port  # noqa: E402
+from ccwarm.server_proc import ServerProcess  # noqa: E402
+
+# SmolLM2 was trained on 8k tokens, but Claude Code's first prompt is ~29k tokens (-p) to ~32k
+# (interactive) and grows every turn: raised so the whole chain works out of the box.
+DEFAULT_MAX_CONTEXT = 65536
+ADDONS = ("addons/normalize.py", "addons/stability.py")
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"run: the server exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"run: the server did not answer {url} within {timeout:.0f}s")
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--proxy-port", type=int, default=8082)
-    ap.add_argument("--server-port", type=int, default=8080)
-    ap.add_argument("--upstream", help="Anthropic-compatible server to proxy instead of starting the companion server")
-    ap.add_argument("--model", help="mlx-lm model directory or Hugging Face repo id (default: bundled SmolLM2-135M)")
-    ap.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
-    ap.add_argument("--web", action="store_true", help="use mitmweb (UI on http://127.0.0.1:8081) instead of mitmdump")
-    args = ap.parse_args()
-
-    procs: list[subprocess.Popen] = []
-
-    def stop(*_: object) -> None:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
-    try:
-        upstream = args.upstream
-        if upstream is None:
-            cmd = [sys.executable, "-m", "cache_backend", "--port", str(args.server_port), "--max-context", str(args.max_context)]
-            if args.model:
-                cmd += ["--model", args.model]
-            print(f"run: starting the companion server on 127.0.0.1:{args.server_port} (first run converts the default model)", flush=True)
-            procs.append(subprocess.Popen(cmd, cwd=REPO))
-            upstream = f"http://127.0.0.1:{args.server_port}"
-            wait_healthy(f"{upstream}/health", procs[-1], timeout=1800)
-        scripts = ["addons/normalize.py"]
-        if (REPO / "addons" / "stability.py").exists():
-            scripts.append("addons/stability.py")
-        tool = "mitmweb" if args.web else "mitmdump"
-        cmd = [str(BIN / tool), "--mode", f"reverse:{upstream}@{args.proxy_port}", "--listen-host", "127.0.0.1"]
-        for s in scripts:
-            cmd += ["-s", str(REPO / s)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO))
-        time.sleep(1.0)
-        print(
-            f"""
-ccwarm is running: proxy 127.0.0.1:{args.proxy_port} -> {upstream}
-
+def banner(proxy_port: int, upstream: str, tool: str) -> str:
+    web = "\nmitmweb's UI: http://127.0.0.1:8081 (flows that break the cached prefix are marked)\n" if tool == "mitmweb" else ""
+    return f"""
+ccwarm is running: proxy 127.0.0.1:{proxy_port} -> {upstream}
+{web}
 Point Claude Code at the proxy:
 
-    ANTHROPIC_BASE_URL=http://127.0.0.1:{args.proxy_port} ANTHROPIC_API_KEY=local claude
+    ANTHROPIC_BASE_URL=http://127.0.0.1:{proxy_port} ANTHROPIC_API_KEY=local claude
 
 (any API key works unless the server was started with --api-key). The proxy strips the billing
 header, so CLAUDE_CODE_ATTRIBUTION_HEADER=0 is not needed; it is harmless if set.
 Watch this log: one 'normalize: dropped system[0] ...' line per request, a warning for anything
 else that breaks the cached prefix, and the server's per-request line with restored/prefilled tokens.
 Ctrl-C stops everything.
-""",
-            flush=True,
-        )
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        return next(p.returncode for p in procs if p.poll() is not None) or 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop()
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--proxy-port", type=int, default=8082)
+    ap.add_argument("--server-port", type=int, default=8080)
+    ap.add_argument("--upstream", help="Anthropic-compatible server to proxy instead of starting the companion server")
+    ap.add_argument("--model", help="mlx-lm model directory or Hugging Face repo id (default: bundled SmolLM2-135M)")
+    ap.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
+    ap.add_argument("--cache-dir", help="the server's model and snapshot folder (default: the server's, ~/.cache/ccwarm)")
+    ap.add_argument("--web", action="store_true", help="use mitmweb (UI on http://127.0.0.1:8081) instead of mitmdump")
+    args = ap.parse_args(argv)
+
+    # SIGTERM takes the same path as Ctrl-C, so the finally below stops both children.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with contextlib.ExitStack() as stack:
+        try:
+            upstream = args.upstream
+            if upstream is None:
+                server_args = ["--max-context", str(args.max_context)]
+                server_args += ["--model", args.model] if args.model else []
+                server_args += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+                print(f"run: starting the companion server on 127.0.0.1:{args.server_port} "
+                      "(the first run converts the default model)", flush=True)
+                server = ServerProcess(*server_args, log_path=None, port=args.server_port, timeout=1800)
+                stack.callback(server.stop)
+                upstream = server.url
+            tool = "mitmweb" if args.web else "mitmdump"
+            cmd = [str(BIN / tool), "--mode", f"reverse:{upstream}@{args.proxy_port}", "--listen-host", "127.0.0.1"]
+            for script in ADDONS:
+                cmd += ["-s", str(REPO / script)]
+            if args.web:
+                cmd += ["--set", "web_open_browser=false"]
+            proxy = subprocess.Popen(cmd, cwd=REPO)
+            stack.callback(stop_process, proxy)
+            wait_for_port(args.proxy_port, proxy)
+            print(banner(args.proxy_port, upstream, tool), flush=True)
+            children = [proxy] + ([server.proc] if args.upstream is None else [])
+            while all(p.poll() is None for p in children):
+                time.sleep(0.5)
+            gone = next(p for p in children if p.poll() is not None)
+            print(f"run: the {'proxy' if gone is proxy else 'server'} exited with code {gone.returncode}; stopping", file=sys.stderr)
+            return gone.returncode or 1
+        except KeyboardInterrupt:
+            print("run: stopping", flush=True)
+            return 0
+        except (RuntimeError, TimeoutError) as e:  # a child that died or never came up
+            print(f"run: {e}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""`make run`'s launcher (scripts/run_stack.py) as a user starts it: server and proxy come up,
+Claude-Code-shaped requests are answered through both (billing block stripped, prefix restored on
+the next turn), the banner shows the claude command line, and Ctrl-C or SIGTERM stops both."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anthropic
+
+from ccwarm.harness import REPO, RecordingUpstream, free_port
+from ccwarm.synthetic import SessionGenerator, SessionSpec
+
+
+class Launcher:
+    """scripts/run_stack.py as a subprocess; its output collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "scripts/run_stack.py", *args], cwd=REPO, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} never appeared (rc={self.proc.poll()}):\n{self.output[-3000:]}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def ask(client: anthropic.Anthropic, req) -> anthropic.types.Message:
+    b = req.body
+    return client.messages.create(model=b["model"], max_tokens=4, system=b["system"], tools=b["tools"],
+                                  messages=b["messages"], extra_headers=req.headers)
+
+
+def test_make_run_serves_claude_code_through_the_proxy(tiny_model_dir: Path, tmp_path: Path) -> None:
+    proxy_port, server_port = free_port(), free_port()
+    run = Launcher("--proxy-port", str(proxy_port), "--server-port", str(server_port),
+                   "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"))
+    try:
+        run.wait_for("Ctrl-C stops everything")
+        assert f"ANTHROPIC_BASE_URL=http://127.0.0.1:{proxy_port} ANTHROPIC_API_KEY=local claude" in run.output
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{proxy_port}", api_key="local", max_retries=0)
+        first, second = SessionGenerator(SessionSpec(seed=5, turns=2, tools_json_bytes=20_000, system_bytes=2_000)).main_turns()
+        cold = ask(client, first)
+        warm = ask(client, second)
+        assert cold.usage.cache_read_input_tokens == 0 and cold.usage.input_tokens > 3000
+        # The billing block (cch differs between the two) is gone, so all of turn 1 is restored.
+        assert warm.usage.cache_read_input_tokens >= cold.usage.input_tokens - 1, warm.usage
+        run.wait_for("normalize: dropped system[0]: billing header")
+        run.wait_for(f"restored={warm.usage.cache_read_input_tokens} ")  # the server's per-request line
+        run.proc.send_signal(signal.SIGINT)
+        assert run.proc.wait(60) == 0, run.output[-3000:]
+        assert not listening(proxy_port) and not listening(server_port)
+    finally:
+        run.kill()
+
+
+def test_make_run_with_upstream_starts_only_the_proxy_and_stops_on_sigterm(tmp_path: Path) -> None:
+    upstream = RecordingUpstream()
+    proxy_port = free_port()
+    with upstream.serve():
+        run = Launcher("--proxy-port", str(proxy_port), "--upstream", f"http://127.0.0.1:{upstream.port}")
+        try:
+            run.wait_for("Ctrl-C stops everything", timeout=60)
+            assert "starting the companion server" not in run.output
+            client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{proxy_port}", api_key="local", max_retries=0)
+            req = SessionGenerator(SessionSpec(seed=6, turns=1, tools_json_bytes=5_000, system_bytes=1_000)).main_turns()[0]
+            ask(client, req)
+            assert b"x-anthropic-billing-header" not in upstream.requests[-1].body
+            run.proc.send_signal(signal.SIGTERM)
+            assert run.proc.wait(30) == 0, run.output[-3000:]
+            assert not listening(proxy_port)
+        finally:
+            run.kill()
+
+
+def test_make_run_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
+    run = Launcher("--proxy-port", str(free_port()), "--server-port", str(free_port()), "--model", str(tmp_path / "missing"))
+    try:
+        assert run.proc.wait(120) == 1
+        assert "run: server exited with" in run.output, run.output[-3000:]
+    finally:
+        run.kill()
+
