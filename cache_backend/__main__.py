@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,19 @@ def main(argv: list[str] | None = None) -> int:
         structured_deadline_s=args.structured_deadline,
         script=script,
     )
-    app = create_app(ServerState(config=cfg, engine=engine, renderer=renderer, metrics=metrics))
+    stopped = threading.Event()
+
+    def shutdown() -> None:
+        if stopped.is_set():
+            return
+        stopped.set()
+        engine.stop()
+        close = getattr(prefix_cache, "close", None)
+        if close is not None:
+            close()  # let queued snapshot writes finish
+        log.info("stopped; snapshots written")
+
+    app = create_app(ServerState(config=cfg, engine=engine, renderer=renderer, metrics=metrics), on_shutdown=shutdown)
     log.info("serving %s on http://%s:%d (context limit %s tokens)", name, args.host, args.port, limit)
 
     import uvicorn
@@ -172,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
     finally:
-        engine.stop()
-        close = getattr(prefix_cache, "close", None)
-        if close is not None:
-            close()  # let queued snapshot writes finish
+        shutdown()  # when uvicorn returns without a signal (e.g. the port was taken)
     return 0
 
 

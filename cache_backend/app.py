@@ -9,7 +9,9 @@ Every failure is answered with Anthropic's error JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,10 +62,22 @@ def _error(exc: APIError, request_id: str | None = None) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
-def create_app(state: ServerState) -> FastAPI:
-    """The ASGI app; the engine must already be started."""
+def create_app(state: ServerState, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The ASGI app; the engine must already be started.
+
+    `on_shutdown` runs (on a thread) once in-flight requests are done. It must run here and not
+    after uvicorn returns: uvicorn re-raises SIGTERM/SIGINT on its way out, which ends the process
+    before any code after `uvicorn.run` (queued snapshot writes would be lost).
+    """
     cfg = state.config
-    app = FastAPI(title="ccwarm cache_backend", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            await asyncio.to_thread(on_shutdown)
+
+    app = FastAPI(title="ccwarm cache_backend", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = state
 
     @app.exception_handler(APIError)

@@ -143,6 +143,23 @@ def test_restart_from_disk(tiny_model_dir, tmp, reference) -> None:
         srv.stop()
 
 
+def test_a_stop_right_after_an_answer_still_writes_its_snapshot(tiny_model_dir, tmp) -> None:
+    cache_dir = tmp / "cache-quick-stop"
+    history = [user("Stop the server right after this answer.")]
+    srv = start(tiny_model_dir, tmp, "quick-stop", cache_dir=cache_dir)
+    try:
+        answer = ask(srv, history)
+    finally:
+        srv.stop()  # SIGTERM at once, while the snapshot writes are still queued
+    assert "stopped; snapshots written" in srv.log_path.read_text()
+    srv = start(tiny_model_dir, tmp, "quick-stop-after", cache_dir=cache_dir)
+    try:
+        again = ask(srv, history)
+        assert again.usage.cache_read_input_tokens == prompt_len(answer) - 1  # an exact repeat, from disk
+    finally:
+        srv.stop()
+
+
 def test_budget_respected_and_eviction_keeps_answers_right(tiny_model_dir, tmp, reference) -> None:
     probe = ask(reference, [user("probe")], max_tokens=1)
     # Room for about two conversations' snapshots (2 layers x 2 KV heads x 16 dims x float32 x K+V).
