@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""Does a warm turn prefill only what is new? A Claude-Code-shaped session replayed for real.
+
+Starts the companion server on the tiny model (or --model) with a fresh cache directory and a
+real mitmdump with addons/normalize.py in front of it, then replays a generated session the way
+Claude Code drives one: ~22k tokens of system + tools, main turns whose model replies (scripted
+with forced decoding: real prefill and decode, only the token choice is fixed) call a tool and
+get a tool result back, a title side request with `json_schema`, and a sub-agent. Each request
+is built from the server's real previous answers, so prompt + output snapshots are exercised.
+
+Variants, measured in one run: billing block normalized away by the proxy, and not (the proxy
+with normalize=false). Then: tail-only requests (the limit a cache can reach), and a server
+restart on the same cache directory (the first warm turn after it comes from disk).
+Writes JSON and a PNG chart of TTFT per request.
+
+    .venv/bin/python scripts/bench_cache.py [--turns 8] [--model DIR] [--out artifacts/bench_cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cache_backend.render import tool_call_markup  # noqa: E402
+from ccwarm.harness import REPO, mitmdump  # noqa: E402
+from ccwarm.server_proc import companion_server  # noqa: E402
+from ccwarm.synthetic import SessionGenerator, SessionSpec, text_of_size  # noqa: E402
+
+
+@dataclass
+class Measured:
+    label: str
+    kind: str
+    prompt_tokens: int
+    restored: int
+    prefilled: int
+    ttft_s: float
+    output_tokens: int
+    stop_reason: str
+
+
+def stream_request(client: httpx.Client, body: dict[str, Any], headers: dict[str, str]) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """POST a streaming request; returns (final message with content blocks, TTFT, usage)."""
+    start = time.perf_counter()
+    ttft = None
+    message: dict[str, Any] = {}
+    blocks: list[dict[str, Any]] = []
+    partial: dict[int, str] = {}
+    usage: dict[str, Any] = {}
+    with client.stream("POST", "/v1/messages?beta=true", json=body, headers=headers) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {resp.read().decode(errors='replace')[:500]}")
+        event = None
+        for line in resp.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+                continue
+            if not line.startswith("data:"):
+                continue
+            data = json.loads(line[5:])
+            if event in ("content_block_start", "content_block_delta") and ttft is None:
+                ttft = time.perf_counter() - start
+            if event == "message_start":
+                message = data["message"]
+                usage.update(message.get("usage", {}))
+            elif event == "content_block_start":
+                blocks.append(dict(data["content_block"]))
+            elif event == "content_block_delta":
+                d = data["delta"]
+                if d["type"] == "text_delta":
+                    blocks[data["index"]]["text"] += d["text"]
+                elif d["type"] == "input_json_delta":
+                    partial[data["index"]] = partial.get(data["index"], "") + d["partial_json"]
+            elif event == "content_block_stop" and data["index"] in partial:
+                blocks[data["index"]]["input"] = json.loads(partial.pop(data["index"]) or "{}")
+            elif event == "message_delta":
+                message["stop_reason"] = data["delta"].get("stop_reason")
+                usage.update(data.get("usage", {}))
+            elif event == "error":
+                raise RuntimeError(f"stream error: {data}")
+    message["content"] = blocks
+    return message, ttft if ttft is not None else time.perf_counter() - start, usage
+
+
+class Replay:
+    """Builds each request from the server's previous answers, as Claude Code does."""
+
+    def __init__(self, spec: SessionSpec, turns: int) -> None:
+        self.gen = SessionGenerator(spec)
+        self.turns = turns
+        self.tools = self.gen.tools
+
+    def script(self) -> list[dict[str, Any]]:
+        entries = [{"when": "[[tail]]", "reply": "Noted."},
+                   {"when": "[[title]]", "reply": '{"title": "What the build does"}'},
+                   {"when": "[[sub 1]]", "reply": "Searching.\n" + tool_call_markup("Grep", {"pattern": "config"})},
+                   {"when": "[[sub 2]]", "reply": "The configuration is read in two places."}]
+        for k in range(1, self.turns + 2):
+            tool = self.tools[k % 6]["name"]
+            reply = f"Step {k}: checking the next file.\n" + tool_call_markup(tool, {"path": f"src/module_{k}.py"})
+            entries.append({"when": f"[[turn {k}]]", "reply": reply})
+        return entries
+
+    def request(self, messages: list[dict[str, Any]], *, tools: list | None, subagent: bool = False,
+                instructions: str | None = None, label: str, agent_id: str | None = None) -> tuple[dict, dict]:
+        req = self.gen.request(messages, tools=tools, label=label, subagent=subagent, instructions=instructions,
+                               agent_id=agent_id, max_tokens=256)
+        return req.body, req.headers
+
+    def tool_results(self, assistant: dict[str, Any], marker: str) -> dict[str, Any]:
+        results = [{"type": "tool_result", "tool_use_id": b["id"],
+                    "content": text_of_size(self.gen.rng, 1200) + f"\n{marker}"}
+                   for b in assistant["content"] if b["type"] == "tool_use"]
+        if not results:
+            return {"role": "user", "content": f"Go on. {marker}"}
+        return {"role": "user", "content": results}
+
+
+def send(client: httpx.Client, out: list[Measured], body, headers, label, kind) -> dict[str, Any]:
+    message, ttft, usage = stream_request(client, body, headers)
+    restored = usage.get("cache_read_input_tokens", 0)
+    prefilled = usage.get("input_tokens", 0)
+    out.append(Measured(label, kind, restored + prefilled, restored, prefilled, ttft,
+                        usage.get("output_tokens", 0), message.get("stop_reason") or ""))
+    return message
+
+
+def run_session(client: httpx.Client, replay: Replay, *, tail_probe: bool = False) -> tuple[list[Measured], list[dict[str, Any]]]:
+    """The main turns with the side request and the sub-agent interleaved; returns the history."""
+    out: list[Measured] = []
+
+    def send_(body, headers, label, kind):
+        return send(client, out, body, headers, label, kind)
+
+    msgs = [replay.gen.first_user_message("Look at the project and tell me what the build does. [[turn 1]]")]
+    bar = tqdm(total=replay.turns + 3, desc="replay", unit="req", leave=False)
+    for turn in range(1, replay.turns + 1):
+        body, headers = replay.request(msgs, tools=replay.tools, label=f"main {turn}")
+        answer = send_(body, headers, f"main {turn}", "main")
+        bar.update()
+        msgs = msgs + [{"role": "assistant", "content": answer["content"]},
+                       replay.tool_results(answer, f"[[turn {turn + 1}]]")]
+        if turn == 1:
+            body, headers = replay.request([{"role": "user", "content": "Look at the project and tell me what the build does. [[title]]"}],
+                                           tools=None, label="side: title", instructions="Generate a concise title for this conversation. Answer with JSON.")
+            body["max_tokens"] = 64
+            body["output_config"] = {"format": {"type": "json_schema", "schema": {
+                "type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}}}
+            send_(body, headers, "side: title", "side")
+            bar.update()
+        if turn == replay.turns // 2:
+            agent = "agent-bench-0001"
+            sub_instr = "You are a search agent. " + replay.gen.instructions[: len(replay.gen.instructions) // 3]
+            sub = [{"role": "user", "content": "Find every place that reads the build configuration. [[sub 1]]"}]
+            for k in (1, 2):
+                body, headers = replay.request(sub, tools=replay.tools[:8], subagent=True, instructions=sub_instr,
+                                               label=f"subagent {k}", agent_id=agent)
+                answer = send_(body, headers, f"subagent {k}", "subagent")
+                sub = sub + [{"role": "assistant", "content": answer["content"]}, replay.tool_results(answer, "[[sub 2]]")]
+            bar.update()
+    bar.close()
+    if tail_probe:
+        # The new tail of the last turn sent alone: no cached prefix can help or hurt it.
+        last = msgs[-1]["content"]
+        tail_text = last if isinstance(last, str) else "\n".join(b["content"] for b in last)
+        for i in range(3):
+            body = {"model": "claude-opus-4-8", "max_tokens": 8, "stream": True,
+                    "messages": [{"role": "user", "content": f"{i} [[tail]] {tail_text}"}]}  # unique start: never cached
+            send_(body, {}, f"tail-only {i + 1}", "tail")
+    return out, msgs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--model", help="mlx-lm model directory (default: a fresh tiny model, see --hidden)")
+    ap.add_argument("--hidden", type=int, default=512,
+                    help="hidden size of the generated 1-layer tiny model (default %(default)s: a cold 22k-token "
+                         "prefill then takes ~10 s on 2 cores, the regime real deployments are in, so fixed "
+                         "per-request overheads do not hide what the cache saves)")
+    ap.add_argument("--tools-kb", type=int, default=88, help="JSON size of the generated tool list (default: ~22k prompt tokens)")
+    ap.add_argument("--system-kb", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench_cache")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ccwarm-bench-"))
+    model = args.model
+    if model is None:
+        from cache_backend.tiny_model import make_tiny_model
+        model = str(make_tiny_model(work / "tiny-model", seed=0, num_layers=1, hidden_size=args.hidden,
+                                    intermediate_size=4 * args.hidden))
+    spec = SessionSpec(seed=3, tools_json_bytes=args.tools_kb * 1000, system_bytes=args.system_kb * 1000)
+    replay = Replay(spec, args.turns)
+    script = work / "script.json"
+    script.write_text(json.dumps(replay.script()))
+
+    results: dict[str, Any] = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                                           "cpus": __import__("os").cpu_count()},
+                               "turns": args.turns, "model": model, "model_config": json.loads((Path(model) / "config.json").read_text())
+                               if (Path(model) / "config.json").exists() else None, "variants": {}}
+
+    def server_args(cache_dir: Path) -> list[str]:
+        return ["--model", model, "--cache-dir", str(cache_dir), "--max-context", "200000",
+                "--test-forced-replies", str(script)]
+
+    for variant, normalize in (("normalized", True), ("not normalized", False)):
+        cache_dir = work / f"cache-{'on' if normalize else 'off'}"
+        entry: dict[str, Any] = {}
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(companion_server(*server_args(cache_dir), log=work / f"server-{variant[:3]}.log"))
+            port, _ = stack.enter_context(mitmdump(server.port, "addons/normalize.py",
+                                                   options=(f"normalize={'true' if normalize else 'false'}", "termlog_verbosity=warn")))
+            client = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=3600))
+            print(f"\n== {variant}: {args.turns} main turns, a title side request, a sub-agent", flush=True)
+            measured, history = run_session(client, replay, tail_probe=normalize)
+            entry["stats"] = httpx.get(f"{server.url}/v1/cache/stats", timeout=30).json()
+
+        if normalize:
+            # Restart on the same cache directory; the next main turn must come back from disk.
+            with contextlib.ExitStack() as stack:
+                server = stack.enter_context(companion_server(*server_args(cache_dir), log=work / "server-restart.log"))
+                port, _ = stack.enter_context(mitmdump(server.port, "addons/normalize.py", options=("termlog_verbosity=warn",)))
+                client = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=3600))
+                body, headers = replay.request(history, tools=replay.tools, label="after restart")
+                send(client, measured, body, headers, f"main {args.turns + 1} after restart", "restart")
+        entry["requests"] = [asdict(m) for m in measured]
+        results["variants"][variant] = entry
+
+    summary = summarize(results)
+    results["summary"] = summary
+    (args.out / "bench_cache.json").write_text(json.dumps(results, indent=2))
+    chart(results, args.out / "bench_cache.png")
+    print_report(results)
+    print(f"\nwrote {args.out / 'bench_cache.json'} and {args.out / 'bench_cache.png'}")
+    return 0
+
+
+def ideal_prefill(requests: list[dict[str, Any]]) -> int:
+    """Tokens no earlier prompt or output covered: the first request of each distinct prefix
+    (main, side, sub-agent) plus, per later request, what its predecessor did not contain."""
+    total = 0
+    seen: dict[str, int] = {}
+    for r in requests:
+        key = r["kind"]
+        prev = seen.get(key)
+        total += r["prompt_tokens"] - (prev if prev is not None and prev < r["prompt_tokens"] else 0)
+        seen[key] = r["prompt_tokens"] + r["output_tokens"] - 1
+    return total
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, v in results["variants"].items():
+        reqs = [r for r in v["requests"] if r["kind"] not in ("tail", "restart")]
+        main = [r for r in reqs if r["kind"] == "main"]
+        warm = [r["ttft_s"] for r in main[1:]]
+        entry = {
+            "prefilled": sum(r["prefilled"] for r in reqs),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in reqs),
+            "ideal_prefill": ideal_prefill(reqs),
+            "cold_ttft_s": main[0]["ttft_s"],
+            "cold_prompt_tokens": main[0]["prompt_tokens"],
+            "warm_ttft_median_s": statistics.median(warm) if warm else None,
+            "warm_prefilled_median": statistics.median(r["prefilled"] for r in main[1:]) if len(main) > 1 else None,
+        }
+        entry["prefilled_over_ideal"] = entry["prefilled"] / max(1, entry["ideal_prefill"])
+        if entry["warm_ttft_median_s"]:
+            entry["cold_over_warm"] = entry["cold_ttft_s"] / entry["warm_ttft_median_s"]
+        tails = [r["ttft_s"] for r in v["requests"] if r["kind"] == "tail"]
+        if tails:
+            entry["tail_only_ttft_median_s"] = statistics.median(tails)
+            entry["tail_only_prompt_tokens"] = next(r["prompt_tokens"] for r in v["requests"] if r["kind"] == "tail")
+            entry["warm_over_tail_only"] = entry["warm_ttft_median_s"] / entry["tail_only_ttft_median_s"]
+        restart = [r for r in v["requests"] if r["kind"] == "restart"]
+        if restart:
+            entry["after_restart_restored"] = restart[0]["restored"]
+            entry["after_restart_prefilled"] = restart[0]["prefilled"]
+            entry["after_restart_warm_ttft_s"] = restart[0]["ttft_s"]
+            entry["restart_over_in_memory_warm"] = restart[0]["ttft_s"] / entry["warm_ttft_median_s"]
+        out[name] = entry
+    return out
+
+
+def print_report(results: dict[str, Any]) -> None:
+    for name, v in results["variants"].items():
+        print(f"\n{name}")
+        print(f"  {'request':<30}{'prompt':>8}{'restored':>10}{'prefilled':>11}{'TTFT s':>9}")
+        for r in v["requests"]:
+            print(f"  {r['label']:<30}{r['prompt_tokens']:>8}{r['restored']:>10}{r['prefilled']:>11}{r['ttft_s']:>9.2f}")
+    print("\nsummary")
+    for name, s in results["summary"].items():
+        print(f"  {name}:")
+        for k, val in s.items():
+            if isinstance(val, float):
+                print(f"    {k:<36}{val:.3f}")
+            elif not isinstance(val, dict):
+                print(f"    {k:<36}{val}")
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 5))
+    labels: list[str] = []
+    for name, v in results["variants"].items():
+        reqs = [r for r in v["requests"] if r["kind"] != "tail"]
+        labels = labels if len(labels) >= len(reqs) else [r["label"] for r in reqs]
+        ax.plot(range(1, len(reqs) + 1), [r["ttft_s"] for r in reqs], marker="o", label=name)
+        tails = [r["ttft_s"] for r in v["requests"] if r["kind"] == "tail"]
+        if tails:
+            ax.axhline(statistics.median(tails), color="grey", linestyle=":", label="tail-only request (the limit)")
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("time to first token (s, log)")
+    ax.set_title("TTFT per request, Claude-Code-shaped session on the tiny model")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
