@@ -62,8 +62,9 @@ from ccwarm.server_proc import companion_server  # noqa: E402
 
 CLI_DIR = REPO / ".claude-cli"
 CLI = CLI_DIR / "node_modules" / ".bin" / "claude"
-# Pin with e.g. CCWARM_CLAUDE_CODE_PACKAGE=@anthropic-ai/claude-code@2.1.197 (checked with that version).
-CLI_PACKAGE = os.environ.get("CCWARM_CLAUDE_CODE_PACKAGE", "@anthropic-ai/claude-code")
+# Pinned to the version this run was checked with, so CI does not change under us; try another
+# with e.g. CCWARM_CLAUDE_CODE_PACKAGE=@anthropic-ai/claude-code@latest (and an empty .claude-cli/).
+CLI_PACKAGE = os.environ.get("CCWARM_CLAUDE_CODE_PACKAGE", "@anthropic-ai/claude-code@2.1.197")
 CLI_MODEL = "claude-sonnet-4-5"
 DEFAULT_JSON = REPO / "artifacts" / "e2e_claude_code.json"
 STABILITY_ADDON = "addons/stability.py"
