@@ -4,6 +4,8 @@ the next turn), the banner shows the claude command line, and Ctrl-C or SIGTERM 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -22,8 +24,10 @@ class Launcher:
     """scripts/run_stack.py as a subprocess; its output collected line by line."""
 
     def __init__(self, *args: str) -> None:
+        # Its own process group, so cleanup reaches the server and proxy it starts.
         self.proc = subprocess.Popen([sys.executable, "scripts/run_stack.py", *args], cwd=REPO, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -42,10 +46,15 @@ class Launcher:
                 raise AssertionError(f"{text!r} never appeared (rc={self.proc.poll()}):\n{self.output[-3000:]}")
             time.sleep(0.1)
 
-    def kill(self) -> None:
+    def stop(self) -> None:
+        """Ctrl-C as a user would; then SIGKILL for anything of its group still alive."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(30)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 def listening(port: int) -> bool:
@@ -79,7 +88,7 @@ def test_make_run_serves_claude_code_through_the_proxy(tiny_model_dir: Path, tmp
         assert run.proc.wait(60) == 0, run.output[-3000:]
         assert not listening(proxy_port) and not listening(server_port)
     finally:
-        run.kill()
+        run.stop()
 
 
 def test_make_run_with_upstream_starts_only_the_proxy_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -98,7 +107,7 @@ def test_make_run_with_upstream_starts_only_the_proxy_and_stops_on_sigterm(tmp_p
             assert run.proc.wait(30) == 0, run.output[-3000:]
             assert not listening(proxy_port)
         finally:
-            run.kill()
+            run.stop()
 
 
 def test_make_run_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
@@ -107,5 +116,5 @@ def test_make_run_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
         assert run.proc.wait(120) == 1
         assert "run: server exited with" in run.output, run.output[-3000:]
     finally:
-        run.kill()
+        run.stop()
 
