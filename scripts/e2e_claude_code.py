@@ -55,6 +55,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ccwarm import payload  # noqa: E402
 from ccwarm.harness import REPO, RecordingUpstream, mitmdump  # noqa: E402
@@ -598,7 +600,7 @@ def run_sessions(cli: Path, model_dir: Path, root: Path, tools: ToolNames, *, no
     failure = None
     with chain(root, model_dir, script, normalize=normalize, cache_args=cache_args, max_context=max_context) as stack:
         env = cli_env(home, stack.proxy_port)
-        for turn in turns:
+        for turn in tqdm(turns, desc=f"claude -p, normalize {'on' if normalize else 'off'}", unit="turn", leave=False):
             try:
                 run = run_claude(cli, env, work, turn.prompt, cont=turn.cont, label=turn.label)
             except E2EError as e:
