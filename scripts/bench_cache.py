@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -213,30 +214,29 @@ def main() -> int:
                                "turns": args.turns, "model": model, "model_config": json.loads((Path(model) / "config.json").read_text())
                                if (Path(model) / "config.json").exists() else None, "variants": {}}
 
-    def server_args(cache_dir: Path) -> list[str]:
-        return ["--model", model, "--cache-dir", str(cache_dir), "--max-context", "200000",
-                "--test-forced-replies", str(script)]
+    @contextlib.contextmanager
+    def chain(cache_dir: Path, log: Path, normalize: bool = True) -> Iterator[tuple[httpx.Client, str]]:
+        """Server + mitmdump (normalize on or off) before it; yields (client of the proxy, server URL)."""
+        args = ("--model", model, "--cache-dir", str(cache_dir), "--max-context", "200000", "--test-forced-replies", str(script))
+        with companion_server(*args, log=log) as server, \
+                mitmdump(server.port, "addons/normalize.py",
+                         options=(f"normalize={'true' if normalize else 'false'}", "termlog_verbosity=warn")) as (port, _), \
+                httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=3600) as client:
+            yield client, server.url
 
     for variant, normalize in (("normalized", True), ("not normalized", False)):
         cache_dir = work / f"cache-{'on' if normalize else 'off'}"
         entry: dict[str, Any] = {}
-        with contextlib.ExitStack() as stack:
-            server = stack.enter_context(companion_server(*server_args(cache_dir), log=work / f"server-{variant[:3]}.log"))
-            port, _ = stack.enter_context(mitmdump(server.port, "addons/normalize.py",
-                                                   options=(f"normalize={'true' if normalize else 'false'}", "termlog_verbosity=warn")))
-            client = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=3600))
+        with chain(cache_dir, work / f"server-{variant[:3]}.log", normalize) as (client, server_url):
             print(f"\n== {variant}: {args.turns} main turns, a title side request, a sub-agent", flush=True)
             measured, history = run_session(client, replay, tail_probe=normalize)
-            entry["stats"] = httpx.get(f"{server.url}/v1/cache/stats", timeout=30).json()
+            entry["stats"] = httpx.get(f"{server_url}/v1/cache/stats", timeout=30).json()
 
         if normalize:
             # Restart on the same cache directory, several times: each first turn after a restart
             # must come back from disk. The median of those is the figure (one restart is noisy).
             for k in range(1, args.restarts + 1):
-                with contextlib.ExitStack() as stack:
-                    server = stack.enter_context(companion_server(*server_args(cache_dir), log=work / f"server-restart-{k}.log"))
-                    port, _ = stack.enter_context(mitmdump(server.port, "addons/normalize.py", options=("termlog_verbosity=warn",)))
-                    client = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=3600))
+                with chain(cache_dir, work / f"server-restart-{k}.log") as (client, _):
                     time.sleep(1.0)  # both processes done starting: the figure is the restore, not process start-up
                     turn = args.turns + k
                     body, headers = replay.request(history, tools=replay.tools, label=f"after restart {k}")

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--web", action="store_true", help="use mitmweb (UI on http://127.0.0.1:8081) instead of mitmdump")
     args = ap.parse_args(argv)
 
-    # SIGTERM takes the same path as Ctrl-C, so the finally below stops both children.
+    # SIGTERM takes the same path as Ctrl-C, so the ExitStack below stops both children.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.ExitStack() as stack:
         try:
