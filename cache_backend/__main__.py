@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-key", default=None, help="if set, require this key (x-api-key or Authorization: Bearer)")
     ap.add_argument("--max-context", type=int, default=None, help="prompt length limit in tokens (default: the model's max_position_embeddings)")
     ap.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before an SSE ping (default: %(default)s)")
-    ap.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill step; cancellation and pings interleave between steps")
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="most tokens per prefill step (steps are sized to take about --chunk-seconds)")
+    ap.add_argument("--chunk-seconds", type=float, default=0.5, help="target duration of one prefill step: a dropped client frees the worker within about this long (default: %(default)s)")
+    ap.add_argument("--checkpoint-seconds", type=float, default=30.0, help="during a long prefill, keep what is done every this many seconds, so a crash loses at most that (default: %(default)s)")
     ap.add_argument("--structured-deadline", type=float, default=60.0, help="seconds allowed for a json_schema (structured output) request")
     ap.add_argument("--cache-memory", default="20%", help="RAM for prefix KV snapshots: bytes (e.g. 8GB) or a percent of RAM (default: %(default)s); 0 disables the cache")
     ap.add_argument("--cache-disk", default="20GB", help="disk for persisted snapshots under --cache-dir (default: %(default)s); 0 keeps them in memory only")
@@ -37,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     test = ap.add_argument_group("test-only options (never use in production)")
     test.add_argument("--test-forced-replies", type=Path, default=None, metavar="FILE",
                       help="TEST ONLY: JSON list of {when, reply} entries decoded by forcing tokens (see cache_backend/scripted.py)")
-    test.add_argument("--test-prefill-delay", type=float, default=0.0, metavar="SECONDS",
-                      help="TEST ONLY: sleep this long after every prefill chunk, to simulate a slow prefill")
+    test.add_argument("--test-slow-prefill", type=float, default=0.0, metavar="SECONDS",
+                      help="TEST ONLY: make every forward pass sleep this long per input token, to simulate a slow model")
     return ap
 
 
@@ -150,9 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             renderer.remember_segment(key, tokens)
         renderer.on_segment = segments.append
 
+    if args.test_slow_prefill:
+        from cache_backend.slow_model import SlowModel
+
+        log.warning("TEST ONLY: every forward pass sleeps %.4fs per input token", args.test_slow_prefill)
+        model = SlowModel(model, args.test_slow_prefill)
     metrics = ServerMetrics()
-    engine = Engine(model, tokenizer, prefix_cache, prefill_chunk=args.prefill_chunk,
-                    test_prefill_delay=args.test_prefill_delay, on_output=on_output, metrics=metrics)
+    engine = Engine(model, tokenizer, prefix_cache, prefill_chunk=args.prefill_chunk, chunk_seconds=args.chunk_seconds,
+                    checkpoint_seconds=args.checkpoint_seconds, on_output=on_output, metrics=metrics)
     engine.start()
     name = _served_name(model_ref)
     cfg = ServerConfig(
@@ -182,8 +189,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Before uvicorn waits for open responses: stop the running prefill now (it keeps
+            # what it computed) instead of finishing a long prompt nobody may wait for.
+            engine.begin_stop()
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)).run()
     finally:
         shutdown()  # when uvicorn returns without a signal (e.g. the port was taken)
     return 0

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cache_backend import sse
-from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started
+from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Progress, Started
 from cache_backend.errors import APIError, AuthenticationFailed, InvalidRequest, NotFound, error_body
 from cache_backend.metrics import ServerMetrics
 from cache_backend.output import new_id
@@ -33,6 +33,8 @@ from cache_backend.toolcalls import syntax_for
 from cache_backend.validate import MessagesRequest, parse_json_body, parse_messages_request
 
 log = logging.getLogger("cache_backend.app")
+
+DISCONNECT_CHECK_S = 0.25  # how often a non-streamed request looks for a client that went away
 
 
 @dataclass
@@ -126,7 +128,9 @@ def create_app(state: ServerState, on_shutdown: Callable[[], None] | None = None
 
     def cache_stats() -> dict[str, Any]:
         stats = getattr(state.engine.prefix_cache, "stats", None)
-        return stats() if stats is not None else {}
+        out = stats() if stats is not None else {}
+        out.update(requests_in_flight=state.engine.in_flight, resumed_prefills=state.engine.resumed_prefills)
+        return out
 
     @app.get("/v1/cache/stats")
     async def get_cache_stats(request: Request) -> dict[str, Any]:
@@ -247,21 +251,33 @@ def build_params(state: ServerState, body: dict[str, Any], req: MessagesRequest,
     )
 
 
+def _failure_text(ev: Failed) -> str:
+    return ev.message if ev.error_type == "overloaded_error" else f"generation failed: {ev.message}"
+
+
 def _usage_of(ev: Started | Finished, output_tokens: int = 0) -> dict[str, Any]:
     return sse.usage(ev.prompt_tokens - ev.n_restored, output_tokens, cache_read=ev.n_restored)
 
 
 async def stream_events(job: Job, events: asyncio.Queue[Any], msg_id: str, model: str, ping_interval: float):
-    """SSE bytes for one job. Before the worker starts it, SSE comments keep the line alive."""
+    """SSE bytes for one job. Silence longer than `ping_interval` gets a ping (an SSE comment
+    before the worker starts the job)."""
     done = False
     started = False
+    loop = asyncio.get_running_loop()
+    last_sent = loop.time()
     try:
         while True:
+            wait = max(0.0, last_sent + ping_interval - loop.time())
             try:
-                ev = await asyncio.wait_for(events.get(), timeout=ping_interval)
+                ev = await asyncio.wait_for(events.get(), timeout=wait)
             except TimeoutError:
+                last_sent = loop.time()
                 yield sse.encode(sse.ping()) if started else sse.comment("queued")
                 continue
+            if isinstance(ev, Progress):
+                continue
+            last_sent = loop.time()
             if isinstance(ev, Started):
                 started = True
                 yield sse.encode(sse.message_start(msg_id, model, _usage_of(ev)))
@@ -274,24 +290,34 @@ async def stream_events(job: Job, events: asyncio.Queue[Any], msg_id: str, model
                 return
             elif isinstance(ev, Failed):
                 done = True
-                yield sse.encode(sse.error("api_error", f"generation failed: {ev.message}"))
+                yield sse.encode(sse.error(ev.error_type, _failure_text(ev)))
                 return
     finally:
         if not done:
+            log.info("request %s: the client closed the stream", job.request_id)
             job.cancel.set()
 
 
 async def collect(request: Request, job: Job, events: asyncio.Queue[Any], msg_id: str, model: str, request_id: str) -> Response:
-    """The non-streamed response; a client that goes away cancels the job."""
+    """The non-streamed response; a client that goes away cancels the job.
+
+    The disconnect check runs on a clock, not only when no event arrives: during decoding events
+    never stop, and a dropped client must not keep the worker busy until max_tokens.
+    """
     finished = False
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + DISCONNECT_CHECK_S
     try:
         while True:
             try:
-                ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
             except TimeoutError:
+                ev = None
+            if loop.time() >= next_check:
+                next_check = loop.time() + DISCONNECT_CHECK_S
                 if await request.is_disconnected():
+                    log.info("request %s: the client disconnected", request_id)
                     return Response(status_code=499)
-                continue
             if isinstance(ev, Finished):
                 finished = True
                 body = sse.message_shell(msg_id, model, ev.blocks, ev.stop_reason, ev.stop_sequence,
@@ -299,7 +325,8 @@ async def collect(request: Request, job: Job, events: asyncio.Queue[Any], msg_id
                 return JSONResponse(body, headers={"request-id": request_id})
             if isinstance(ev, Failed):
                 finished = True
-                return JSONResponse(error_body("api_error", f"generation failed: {ev.message}"), status_code=500,
+                status = 529 if ev.error_type == "overloaded_error" else 500
+                return JSONResponse(error_body(ev.error_type, _failure_text(ev)), status_code=status,
                                     headers={"request-id": request_id})
     finally:
         if not finished:

@@ -3,9 +3,16 @@
 Why one thread: MLX streams belong to the thread that created them, and the model and KV cache
 are not safe to share, so every model call happens here and HTTP handlers only queue jobs and
 read events. Requests are served in arrival order (never rejected for being busy). A job's
-`cancel` flag is checked between prefill chunks and before every decode step, so a client that
-goes away stops costing compute within one step. The prompt cache comes from a `PrefixCache`
-(see prefix_cache.py): only the tokens it could not restore are prefilled.
+`cancel` flag is checked between prefill chunks and before every decode step; prefill chunks
+are sized from the measured prefill speed to last about `chunk_seconds`, so a client that goes
+away stops costing compute within about a second on any model. The prompt cache comes from a
+`PrefixCache` (see prefix_cache.py): only the tokens it could not restore are prefilled.
+
+Prefill is resumable: a prefill that is cancelled (client gone, server stopping) offers what it
+computed to the cache as a "partial" snapshot, and so does a long prefill every
+`checkpoint_seconds`; the client's retry, or the same prompt after a restart, restores it and
+prefills only the rest. The cache holds exactly the tokens fed, so the result is the same as an
+unbroken prefill.
 """
 
 from __future__ import annotations
@@ -56,6 +63,19 @@ class Started:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """Prefill progress: `done` of `total` prompt tokens are in the cache (restored ones included)."""
+
+    done: int
+    total: int
+    tokens_per_s: float
+
+    @property
+    def eta_s(self) -> float | None:
+        return (self.total - self.done) / self.tokens_per_s if self.tokens_per_s > 0 else None
+
+
+@dataclass(frozen=True)
 class Finished:
     stop_reason: StopReason
     stop_sequence: str | None
@@ -69,13 +89,18 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    error_type: str = "api_error"  # Anthropic error type; "overloaded_error" tells clients to retry
 
 
-Event = Started | Finished | Failed | dict  # dicts are wire-shaped content block events
+Event = Started | Progress | Finished | Failed | dict  # dicts are wire-shaped content block events
 
 
 class Cancelled(Exception):
     pass
+
+
+# What a job gets when the server stops before it is done: clients retry overloaded errors.
+SHUTTING_DOWN = Failed("the server is shutting down; retry this request", error_type="overloaded_error")
 
 
 @dataclass
@@ -100,26 +125,40 @@ class Engine:
         prefix_cache: PrefixCache | None = None,
         *,
         prefill_chunk: int = 512,
-        test_prefill_delay: float = 0.0,
+        chunk_seconds: float = 0.5,
+        checkpoint_seconds: float = 30.0,
         on_output: Callable[[str, list[int]], None] | None = None,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache or NoCache()
-        self.prefill_chunk = max(1, prefill_chunk)
-        self.test_prefill_delay = test_prefill_delay
+        self.prefill_chunk = max(1, prefill_chunk)  # the largest chunk, for fast models
+        self.chunk_seconds = chunk_seconds
+        self.checkpoint_seconds = checkpoint_seconds
         self.on_output = on_output  # (generated text, its tokens): e.g. Renderer.remember_output
         self.metrics = metrics
         self.eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="mlx-worker", daemon=True)
         self.busy = False
+        self._current: Job | None = None
+        self._stopping = threading.Event()
+        self.resumed_prefills = 0  # requests that restored a partial prefill
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def begin_stop(self) -> None:
+        """Cancel the running job (its prefill is kept) and refuse queued ones; safe in a signal handler."""
+        self._stopping.set()
+        current = self._current
+        if current is not None:
+            current.cancel.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the worker thread (after `begin_stop`)."""
+        self.begin_stop()
         self._queue.put(None)
         self._thread.join(timeout)
 
@@ -129,6 +168,11 @@ class Engine:
     @property
     def queued(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or running."""
+        return self.queued + (1 if self.busy else 0)
 
     # --- worker ---------------------------------------------------------------------------
 
@@ -148,21 +192,30 @@ class Engine:
             job = self._queue.get()
             if job is None:
                 return
+            if self._stopping.is_set():
+                job.sink(SHUTTING_DOWN)
+                continue
             if job.cancel.is_set():
                 log.info("request %s cancelled while queued", job.request_id)
                 continue
             self.busy = True
+            self._current = job
             try:
                 self._run(job)
             except Cancelled:
+                stopping = self._stopping.is_set()
                 log.info(
-                    "request %s cancelled by the client after %.2fs: prompt=%d prefilled=%d output=%d",
-                    job.request_id, time.monotonic() - job.created, len(job.prompt.tokens), job.prefilled, job.generated,
+                    "request %s %s after %.2fs: prompt=%d prefilled=%d output=%d",
+                    job.request_id, "stopped by the server shutdown" if stopping else "cancelled by the client",
+                    time.monotonic() - job.created, len(job.prompt.tokens), job.prefilled, job.generated,
                 )
+                if stopping:
+                    job.sink(SHUTTING_DOWN)
             except Exception as e:  # never let one request kill the worker
                 log.exception("request %s failed", job.request_id)
                 job.sink(Failed(f"{type(e).__name__}: {e}"))
             finally:
+                self._current = None
                 self.busy = False
 
     def _check(self, job: Job) -> None:
@@ -176,37 +229,70 @@ class Engine:
             extra = n - len(prompt.tokens) + 1
             if can_trim_prompt_cache(restored.cache):
                 trim_prompt_cache(restored.cache, extra)
-                restored = Restored(restored.cache, n - extra)
+                restored = Restored(restored.cache, n - extra, restored.resumed)
             else:
                 restored = Restored(make_prompt_cache(self.model), 0)
         return restored
+
+    def _next_chunk(self, fed: int, seconds: float, previous: int) -> int:
+        """The next chunk size: about `chunk_seconds` of work at the speed just measured.
+
+        Grows at most 2x a step (the first chunks are small probes) and shrinks as attention
+        over a longer context slows prefill down.
+        """
+        if seconds <= 0:
+            return min(self.prefill_chunk, previous * 2)
+        target = int(fed / seconds * self.chunk_seconds)
+        return max(1, min(self.prefill_chunk, previous * 2, target))
 
     def _prefill(self, job: Job, cache: list[Any], start: int) -> mx.array:
         """Feed prompt[start:] in chunks (pausing at checkpoints); return the last token's logits.
 
         All but the last token go through in chunks whose logits are never evaluated (MLX is
         lazy, so the vocabulary projection is skipped); the last token alone yields the logits.
+        Cancelled, it offers the cache (which holds exactly the tokens fed) as a partial snapshot.
         """
         tokens = job.prompt.tokens
-        last = len(tokens) - 1
-        stops = sorted({p for p in self.prefix_cache.checkpoints(job.prompt, start) if start < p < len(tokens)})
-        pos = start
-        while pos < last:
+        total = len(tokens)
+        last = total - 1
+        stops = sorted({p for p in self.prefix_cache.checkpoints(job.prompt, start) if start < p < total})
+        pos = saved = start
+        chunk = min(self.prefill_chunk, 32)
+        t_saved = t_logged = time.monotonic()
+        try:
+            while pos < last:
+                self._check(job)
+                end = min(pos + chunk, last)
+                for p in stops:
+                    if pos < p < end:
+                        end = p
+                        break
+                t = time.monotonic()
+                self.model(mx.array(tokens[pos:end])[None], cache=cache)
+                mx.eval([c.state for c in cache])
+                now = time.monotonic()
+                rate = (end - pos) / (now - t) if now > t else 0.0
+                chunk = self._next_chunk(end - pos, now - t, chunk)
+                job.prefilled += end - pos
+                pos = end
+                job.sink(Progress(done=pos, total=total, tokens_per_s=rate))
+                if now - t_logged >= 5.0:
+                    t_logged = now
+                    eta = Progress(pos, total, rate).eta_s
+                    log.info("request %s prefill %d/%d tokens, %.0f tok/s, ~%.0fs left",
+                             job.request_id, pos, total, rate, eta if eta is not None else 0)
+                if pos in stops:
+                    self.prefix_cache.save(tokens[:pos], cache, "checkpoint")
+                    saved, t_saved = pos, now
+                elif now - t_saved >= self.checkpoint_seconds:
+                    self.prefix_cache.save(tokens[:pos], cache, "partial")
+                    saved, t_saved = pos, now
             self._check(job)
-            end = min(pos + self.prefill_chunk, last)
-            for p in stops:
-                if pos < p < end:
-                    end = p
-                    break
-            self.model(mx.array(tokens[pos:end])[None], cache=cache)
-            mx.eval([c.state for c in cache])
-            job.prefilled += end - pos
-            pos = end
-            if pos in stops:
-                self.prefix_cache.save(tokens[:pos], cache, "checkpoint")
-            if self.test_prefill_delay:
-                time.sleep(self.test_prefill_delay)
-        self._check(job)
+        except Cancelled:
+            if pos > saved:
+                self.prefix_cache.save(tokens[:pos], cache, "partial")
+                log.info("request %s kept its partial prefill: %d of %d tokens", job.request_id, pos, total)
+            raise
         logits = self.model(mx.array(tokens[last:])[None], cache=cache)[:, -1, :]
         mx.eval(logits)
         job.prefilled += 1
@@ -218,6 +304,9 @@ class Engine:
         prompt = job.prompt.tokens
         restored = self._restore(job.prompt)
         cache, n_restored = restored.cache, restored.n_restored
+        if restored.resumed:
+            self.resumed_prefills += 1
+            log.info("request %s resumes a partial prefill: %d of %d tokens restored", job.request_id, n_restored, len(prompt))
         job.sink(Started(prompt_tokens=len(prompt), n_restored=n_restored))
         deadline = t0 + p.deadline_s if p.deadline_s else None
 
@@ -232,6 +321,7 @@ class Engine:
         detok = IncrementalDetokenizer(self.tokenizer)
         forced = list(p.forced_tokens)
         out: list[int] = []
+        fed = 0  # how many of `out` went through the model (the last one sampled usually did not)
         pieces: list[str] = []
         ttft = None
         cause: Cause = "max_tokens"
@@ -264,6 +354,7 @@ class Engine:
                 break
             logits = self.model(mx.array([[tok]]), cache=cache)[:, -1, :]
             mx.eval(logits)
+            fed += 1
         if cause not in ("stop_sequence", "json_complete"):
             piece = detok.finish()
             pieces.append(piece)
@@ -271,7 +362,7 @@ class Engine:
             if self.on_output is not None:
                 self.on_output("".join(pieces), out[:-1] if cause == "eos" else list(out))
         stop_reason = assembler.finish(cause)
-        held = prompt + out[:-1]  # the last token was sampled but never fed back
+        held = prompt + out[:fed]  # the cache holds exactly the tokens fed back to the model
         self.prefix_cache.save(held, cache, "generation")
 
         if p.json_schema is not None:

@@ -15,11 +15,15 @@ Contract (all calls happen on the engine's single MLX worker thread):
    and call `save(tokens[:p], cache, "checkpoint")`, e.g. the end of system + tools, so that
    caches that cannot be trimmed (sliding window, SSM) still get a snapshot at a boundary.
 3. `save(tokens, cache, kind)` is offered the live cache; `tokens` are exactly the tokens it
-   holds. kind is "checkpoint" (mid-prefill), "prompt" (after the whole prompt) or "generation"
-   (after decoding: prompt + every generated token that was fed back, i.e. all but the last).
-   For "checkpoint" and "prompt" the engine keeps appending to the same cache afterwards, so an
-   implementation that wants to keep it must snapshot (copy, or keep arrays that later appends
-   do not overwrite). After "generation" the engine drops its reference.
+   holds. kind is "checkpoint" (mid-prefill, at a position `checkpoints` named), "partial" (a
+   prefill cut short by a cancel or a shutdown, or a periodic save during a long prefill: what a
+   retry resumes from), "prompt" (after the whole prompt) or "generation" (after decoding:
+   prompt + every generated token that was fed back). For "checkpoint", "partial" and "prompt"
+   the engine may keep appending to the same cache afterwards, so an implementation that wants
+   to keep it must snapshot (copy, or keep arrays that later appends do not overwrite). After
+   "generation" (and after a "partial" save on cancel) the engine drops its reference.
+4. `Restored.resumed` is True when the restored snapshot was a "partial" one: the request
+   resumes a prefill that an earlier request began.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from cache_backend.render import RenderedPrompt
 
-SaveKind = Literal["checkpoint", "prompt", "generation"]
+SaveKind = Literal["checkpoint", "partial", "prompt", "generation"]
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Restored:
 
     cache: list[Any]
     n_restored: int
+    resumed: bool = False
 
 
 class PrefixCache(ABC):

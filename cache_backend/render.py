@@ -32,6 +32,7 @@ from cache_backend.validate import (
     TextBlock,
     ThinkingBlock,
     Tool,
+    ToolReference,
     ToolResultBlock,
     ToolUseBlock,
 )
@@ -89,6 +90,16 @@ def tools_section(tools: list[dict[str, Any]]) -> str:
         "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
         '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
     )
+
+
+def tool_reference_text(tool: Tool) -> str:
+    """A loaded deferred tool's definition, in the `<tools>` form of the up-front tool list.
+
+    Anthropic expands a `tool_reference` into the tool's definition where it stands, so the
+    up-front list never changes when a tool is loaded. Rendering it here, inside the tool result,
+    keeps every token before it (the whole cached conversation) where it was.
+    """
+    return "<tools>\n" + json.dumps(tool_dict(tool), ensure_ascii=False) + "\n</tools>"
 
 
 def json_instruction(schema: dict[str, Any]) -> str:
@@ -219,7 +230,9 @@ class Renderer:
 
     def _chat(self, req: MessagesRequest) -> _Chat:
         placeholders = 0
-        tools = [tool_dict(t) for t in req.tools] or None
+        # Deferred tools (`defer_loading`) are rendered where a tool_reference loads them.
+        tools = [tool_dict(t) for t in req.tools if not t.deferred] or None
+        by_name = {t.name: t for t in req.tools}
         messages: list[dict[str, Any]] = []
         system_text = "\n\n".join(b.text for b in req.system)
         if tools and not self.native_tools:
@@ -258,6 +271,8 @@ class Renderer:
                 for b in msg.content:
                     if isinstance(b, TextBlock):
                         pending.append(b.text)
+                    elif isinstance(b, ToolReference):
+                        pending.append(tool_reference_text(by_name[b.tool_name]))
                     elif isinstance(b, ImageBlock):
                         placeholders += 1
                         pending.append(IMAGE_PLACEHOLDER.format(kind=b.kind))
@@ -269,6 +284,8 @@ class Renderer:
                         for c in b.content:
                             if isinstance(c, TextBlock):
                                 parts.append(c.text)
+                            elif isinstance(c, ToolReference):
+                                parts.append(tool_reference_text(by_name[c.tool_name]))
                             else:
                                 placeholders += 1
                                 parts.append(IMAGE_PLACEHOLDER.format(kind=c.kind))

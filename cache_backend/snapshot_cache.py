@@ -39,7 +39,7 @@ class SnapshotCache(PrefixCache):
                 break
             layers = self.store.restore(hit)
             if layers is not None:
-                return Restored(cache=layers, n_restored=hit.length)
+                return Restored(cache=layers, n_restored=hit.length, resumed=hit.snapshot.conversation == "partial")
         return Restored(cache=make_prompt_cache(model), n_restored=0)
 
     def checkpoints(self, prompt: RenderedPrompt, n_restored: int) -> Sequence[int]:

@@ -39,9 +39,23 @@ class ToolUseBlock:
 
 
 @dataclass(frozen=True)
+class ToolReference:
+    """`{"type": "tool_reference", "tool_name": ...}`: loads a deferred tool at this point.
+
+    Claude Code's ToolSearch answers with these; the renderer puts the tool's definition here.
+    """
+
+    tool_name: str
+    type: Literal["tool_reference"] = "tool_reference"
+
+
+ResultPart = TextBlock | ImageBlock | ToolReference
+
+
+@dataclass(frozen=True)
 class ToolResultBlock:
     tool_use_id: str
-    content: tuple[TextBlock | ImageBlock, ...]
+    content: tuple[ResultPart, ...]
     is_error: bool = False
     type: Literal["tool_result"] = "tool_result"
 
@@ -53,7 +67,7 @@ class ThinkingBlock:
     type: Literal["thinking"] = "thinking"
 
 
-Block = TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock
+Block = TextBlock | ImageBlock | ToolReference | ToolUseBlock | ToolResultBlock | ThinkingBlock
 
 
 @dataclass(frozen=True)
@@ -64,9 +78,12 @@ class Message:
 
 @dataclass(frozen=True)
 class Tool:
+    """`deferred` (`defer_loading: true`): not in the up-front tool list; a ToolReference loads it."""
+
     name: str
     description: str | None
     input_schema: dict[str, Any]
+    deferred: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,13 +160,17 @@ def _text_block(obj: dict[str, Any], path: str) -> TextBlock:
     return TextBlock(text=_expect(_required(obj, "text", path), str, f"{path}.text"))
 
 
-def _tool_result_content(value: Any, path: str) -> tuple[TextBlock | ImageBlock, ...]:
+def _tool_reference(obj: dict[str, Any], path: str) -> ToolReference:
+    return ToolReference(tool_name=_expect(_required(obj, "tool_name", path), str, f"{path}.tool_name"))
+
+
+def _tool_result_content(value: Any, path: str) -> tuple[ResultPart, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         return (TextBlock(value),)
     _expect(value, list, path, "a string or an array of content blocks")
-    out: list[TextBlock | ImageBlock] = []
+    out: list[ResultPart] = []
     for i, item in enumerate(value):
         p = f"{path}[{i}]"
         _expect(item, dict, p)
@@ -158,8 +179,13 @@ def _tool_result_content(value: Any, path: str) -> tuple[TextBlock | ImageBlock,
             out.append(_text_block(item, p))
         elif typ in ("image", "document"):
             out.append(ImageBlock(kind=typ))
+        elif typ == "tool_reference":
+            out.append(_tool_reference(item, p))
         else:
-            raise _fail(f"{p}.type", f"unknown block type {typ!r} in a tool_result (expected 'text', 'image' or 'document')")
+            raise _fail(
+                f"{p}.type",
+                f"unknown block type {typ!r} in a tool_result (expected 'text', 'image', 'document' or 'tool_reference')",
+            )
     return tuple(out)
 
 
@@ -172,6 +198,10 @@ def _block(obj: Any, path: str, role: str) -> Block:
         return ImageBlock(kind=typ)
     if typ in ("thinking", "redacted_thinking"):
         return ThinkingBlock()
+    if typ == "tool_reference":
+        if role != "user":
+            raise _fail(f"{path}.type", f"tool_reference blocks are only allowed in user messages, not {role}")
+        return _tool_reference(obj, path)
     if typ == "tool_use":
         if role != "assistant":
             raise _fail(f"{path}.type", f"tool_use blocks are only allowed in assistant messages, not {role}")
@@ -247,8 +277,27 @@ def _tools(value: Any) -> tuple[Tool, ...]:
                 raise _fail(f"{p}.input_schema", "field required")
             schema = {"type": "object", "properties": {}}
         _expect(schema, dict, f"{p}.input_schema")
-        out.append(Tool(name=name, description=desc, input_schema=schema))
+        deferred = t.get("defer_loading", False)
+        if deferred is None:
+            deferred = False
+        _expect(deferred, bool, f"{p}.defer_loading")
+        out.append(Tool(name=name, description=desc, input_schema=schema, deferred=deferred))
     return tuple(out)
+
+
+def _check_tool_references(messages: tuple[Message, ...], tools: tuple[Tool, ...]) -> None:
+    """Every tool_reference must name a tool in `tools`: the renderer puts its definition there."""
+    names = {t.name for t in tools}
+    for i, msg in enumerate(messages):
+        for j, block in enumerate(msg.content):
+            path = f"messages[{i}].content[{j}]"
+            if isinstance(block, ToolResultBlock):
+                refs = [(f"{path}.content[{k}]", p) for k, p in enumerate(block.content) if isinstance(p, ToolReference)]
+            else:
+                refs = [(path, block)] if isinstance(block, ToolReference) else []
+            for where, ref in refs:
+                if ref.tool_name not in names:
+                    raise _fail(f"{where}.tool_name", f"no tool named {ref.tool_name!r} in tools")
 
 
 def _tool_choice(value: Any, tools: tuple[Tool, ...]) -> ToolChoice:
@@ -331,6 +380,7 @@ def parse_messages_request(body: dict[str, Any], *, count_tokens: bool = False) 
         if top_k < 0:
             raise _fail("top_k", f"must be non-negative, got {top_k}")
     tools = _tools(body.get("tools"))
+    _check_tool_references(messages, tools)
     return MessagesRequest(
         model=model,
         messages=messages,

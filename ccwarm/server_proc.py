@@ -55,7 +55,8 @@ class ServerProcess:
     def log(self) -> str:
         if self._out is None or self.log_path is None:
             return ""
-        self._out.flush()
+        if not self._out.closed:
+            self._out.flush()
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:

@@ -9,6 +9,7 @@ token, and the usage fields tell how much each request restored.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -204,22 +205,60 @@ def test_corrupted_snapshot_files_are_ignored(tiny_model_dir, tmp, reference) ->
         srv.stop()
 
 
-def test_cancel_mid_prefill_leaves_no_broken_snapshot(tiny_model_dir, tmp, reference) -> None:
-    srv = start(tiny_model_dir, tmp, "cancel", "--prefill-chunk", "64", "--test-prefill-delay", "0.1")
+def read_for(srv: ServerProcess, body: dict, seconds: float, then=None) -> list[str]:
+    """Stream `body` and read its events (pings included) for `seconds`, then call `then` and leave."""
+    lines: list[str] = []
+    t0 = time.monotonic()
+    with httpx.stream("POST", f"{srv.url}/v1/messages", json=body, timeout=60) as resp:
+        for line in resp.iter_lines():
+            lines.append(line)
+            if time.monotonic() - t0 >= seconds:
+                if then is not None:
+                    then()
+                break
+    return lines
+
+
+def kept_tokens(srv: ServerProcess) -> int:
+    return int(re.findall(r"kept its partial prefill: (\d+) of", srv.log())[-1])
+
+
+def test_a_dropped_prefill_is_resumed_by_the_retry(tiny_model_dir, tmp, reference) -> None:
+    """A client drops mid-prefill; the same request again prefills only the rest, answers as cold."""
+    srv = start(tiny_model_dir, tmp, "resume", "--test-slow-prefill", "0.002", "--ping-interval", "0.1")
     try:
         long_history = [user("Read this carefully. " + " ".join(f"line {i} of the log" for i in range(300)))]
         body = {"model": "claude-x", "max_tokens": 8, "stream": True, "system": SYSTEM, "tools": TOOLS,
                 "messages": long_history, "temperature": 0}
-        with httpx.stream("POST", f"{srv.url}/v1/messages", json=body, timeout=60) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("event: message_start"):
-                    break  # the worker is prefilling now: walk away
+        read_for(srv, body, 1.5)  # well past system + tools, then walk away
         deadline = time.monotonic() + 30
-        while "cancelled by the client" not in srv.log() and time.monotonic() < deadline:
+        while "kept its partial prefill" not in srv.log() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert "cancelled by the client" in srv.log()
+        assert "kept its partial prefill" in srv.log()
         after = same_as_cold(srv, reference, long_history)
-        # Only whole boundaries were kept (at most system + tools), never a half-prefilled prompt.
-        assert after.usage.cache_read_input_tokens < prompt_len(after) // 2
+        # It resumed exactly where the dropped request stopped, well past system + tools.
+        assert stats(srv)["resumed_prefills"] == 1
+        assert after.usage.cache_read_input_tokens == kept_tokens(srv) > 100
     finally:
         srv.stop()
+
+
+def test_a_prefill_stopped_by_shutdown_resumes_after_the_restart(tiny_model_dir, tmp, reference) -> None:
+    cache_dir = tmp / "cache-shutdown"
+    srv = start(tiny_model_dir, tmp, "shutdown-1", "--test-slow-prefill", "0.002", "--ping-interval", "0.1",
+                cache_dir=cache_dir)
+    history = [user("Shut down in the middle of this. " + " ".join(f"row {i} of the table" for i in range(300)))]
+    body = {"model": "claude-x", "max_tokens": 8, "stream": True, "system": SYSTEM, "tools": TOOLS,
+            "messages": history, "temperature": 0}
+    try:
+        read_for(srv, body, 1.5, then=srv.stop)  # SIGTERM while the prefill runs
+    finally:
+        srv.stop()
+    assert "stopped by the server shutdown" in srv.log()
+    again = start(tiny_model_dir, tmp, "shutdown-2", cache_dir=cache_dir)
+    try:
+        after = same_as_cold(again, reference, history)
+        assert stats(again)["resumed_prefills"] == 1
+        assert after.usage.cache_read_input_tokens == kept_tokens(srv) > 100
+    finally:
+        again.stop()

@@ -48,10 +48,10 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def slow_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Slow prefill (small chunks + a delay per chunk), short ping interval, and an API key."""
+    """Slow prefill (1.5 ms per token, so chunks adapt to ~0.5 s), short ping interval, and an API key."""
     d = tmp_path_factory.mktemp("slow")
     srv = ServerProcess(tiny_model, d / "server.log", "--api-key", "sekrit", "--ping-interval", "0.2",
-                        "--prefill-chunk", "32", "--test-prefill-delay", "0.05", "--max-output-tokens", "3")
+                        "--test-slow-prefill", "0.0015", "--max-output-tokens", "3")
     yield srv
     srv.stop()
 

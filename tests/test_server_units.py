@@ -353,3 +353,46 @@ def test_token_log_skips_bad_lines_keeps_the_newest_and_compacts(tmp_path: Path)
     log.append("f", [102])  # the 7th line of its own: compacted to the newest 3
     assert path.read_text().count("\n") == 3
     assert TokenLog(path, limit=3).load() == [("e", [101]), ("a", [97]), ("f", [102])]
+
+
+# --- deferred tools (Claude Code 2.1.33x: defer_loading + ToolSearch's tool_reference) ----------
+
+WEBFETCH = {"name": "WebFetch", "description": "Fetch a URL.", "defer_loading": True,
+            "input_schema": {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]}}
+SEARCH_CALL = {"role": "assistant", "content": [
+    {"type": "tool_use", "id": "toolu_s", "name": "ToolSearch", "input": {"query": "select:WebFetch"}}]}
+SEARCH_RESULT = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_s",
+                                              "content": [{"type": "tool_reference", "tool_name": "WebFetch"}]}]}
+
+
+def test_a_tool_loaded_by_tool_reference_appends_and_never_moves_the_prefix(tokenizer: Any) -> None:
+    """Before the load the deferred tool is absent from the prompt; the request that loads it (with
+    the tool inserted mid-list, as the CLI does) extends the previous prompt token for token, and
+    the tool's definition stands inside the tool result."""
+    r = Renderer(tokenizer)
+    search = {"name": "ToolSearch", "description": "Find tools.", "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}}}
+    first = [{"role": "user", "content": "Fetch the docs."}]
+    before = r.render(req(first, tools=[search, TOOLS[0]]))
+    after = r.render(req(first + [SEARCH_CALL, SEARCH_RESULT], tools=[search, WEBFETCH, TOOLS[0]]))
+    assert after.tokens[: before.generation_start] == before.tokens[: before.generation_start]
+    assert after.prefix_end == before.prefix_end
+    text = tokenizer.decode(after.tokens[before.generation_start:])
+    assert '"name": "WebFetch"' in text and "Fetch a URL." in text
+    assert "WebFetch" not in tokenizer.decode(before.tokens)
+
+
+def test_an_unloaded_deferred_tool_is_not_in_the_prompt(tokenizer: Any) -> None:
+    r = Renderer(tokenizer)
+    plain = r.render(req([{"role": "user", "content": "hi"}]))
+    with_deferred = r.render(req([{"role": "user", "content": "hi"}], tools=[*TOOLS, WEBFETCH]))
+    assert plain.tokens == with_deferred.tokens
+
+
+def test_tool_reference_to_a_missing_tool_is_a_400_naming_the_field() -> None:
+    with pytest.raises(InvalidRequest, match=r"messages\[2\]\.content\[0\]\.content\[0\]\.tool_name: no tool named 'WebFetch' in tools"):
+        req([{"role": "user", "content": "x"}, SEARCH_CALL, SEARCH_RESULT])
+    bare = {"role": "user", "content": [{"type": "tool_reference", "tool_name": "Nope"}]}
+    with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[0\]\.tool_name: no tool named 'Nope'"):
+        req([bare])
+    with pytest.raises(InvalidRequest, match=r"tools\[1\]\.defer_loading: expected a boolean"):
+        req([{"role": "user", "content": "x"}], tools=[*TOOLS, {**WEBFETCH, "defer_loading": "yes"}])
