@@ -27,8 +27,25 @@ DEFAULT_MAX_CONTEXT = 65536
 ADDONS = ("addons/normalize.py", "addons/stability.py")
 
 
-def banner(proxy_port: int, upstream: str, tool: str) -> str:
-    web = "\nmitmweb's UI: http://127.0.0.1:8081 (flows that break the cached prefix are marked)\n" if tool == "mitmweb" else ""
+WEB_PORT = 8081
+
+
+def web_token() -> tuple[str, str]:
+    """A fresh token for mitmweb's UI and its argon2 hash for `web_password` (so mitmweb neither
+    invents its own token, which only its log would show, nor warns about a plain password)."""
+    import secrets
+
+    from argon2 import PasswordHasher
+
+    token = secrets.token_hex(16)
+    return token, PasswordHasher().hash(token)
+
+
+def banner(proxy_port: int, upstream: str, tool: str, token: str | None = None) -> str:
+    web = ""
+    if tool == "mitmweb":
+        web = (f"\nmitmweb's UI: http://127.0.0.1:{WEB_PORT}/?token={token} "
+               "(flows that break the cached prefix are marked)\n")
     return f"""
 ccwarm is running: proxy 127.0.0.1:{proxy_port} -> {upstream}
 {web}
@@ -55,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--web", action="store_true", help="use mitmweb (UI on http://127.0.0.1:8081) instead of mitmdump")
     args = ap.parse_args(argv)
 
-    # SIGTERM takes the same path as Ctrl-C, so the ExitStack below stops both children.
+    # SIGTERM takes the same path as Ctrl-C, so the ExitStack below stops both children. SIGINT is
+    # set too: a background job (`make run &`) inherits it ignored, and could not be stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with contextlib.ExitStack() as stack:
         try:
             upstream = args.upstream
@@ -73,12 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [str(BIN / tool), "--mode", f"reverse:{upstream}@{args.proxy_port}", "--listen-host", "127.0.0.1"]
             for script in ADDONS:
                 cmd += ["-s", str(REPO / script)]
+            token = None
             if args.web:
-                cmd += ["--set", "web_open_browser=false"]
+                token, hashed = web_token()
+                cmd += ["--set", "web_open_browser=false", "--set", f"web_port={WEB_PORT}", "--set", f"web_password={hashed}"]
             proxy = subprocess.Popen(cmd, cwd=REPO)
             stack.callback(stop_process, proxy)
             wait_for_port(args.proxy_port, proxy)
-            print(banner(args.proxy_port, upstream, tool), flush=True)
+            if args.web:
+                wait_for_port(WEB_PORT, proxy)
+            print(banner(args.proxy_port, upstream, tool, token), flush=True)
             children = [proxy] + ([server.proc] if args.upstream is None else [])
             while all(p.poll() is None for p in children):
                 time.sleep(0.5)

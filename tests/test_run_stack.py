@@ -23,11 +23,16 @@ from ccwarm.synthetic import SessionGenerator, SessionSpec
 class Launcher:
     """scripts/run_stack.py as a subprocess; its output collected line by line."""
 
-    def __init__(self, *args: str) -> None:
-        # Its own process group, so cleanup reaches the server and proxy it starts.
+    def __init__(self, *args: str, sigint_ignored: bool = False) -> None:
+        # Its own process group, so cleanup reaches the server and proxy it starts. A shell starts
+        # a background job (`make run &`) with SIGINT ignored: `sigint_ignored` does the same.
+        def preexec() -> None:
+            if sigint_ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
         self.proc = subprocess.Popen([sys.executable, "scripts/run_stack.py", *args], cwd=REPO, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=preexec)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -118,3 +123,25 @@ def test_make_run_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
     finally:
         run.stop()
 
+
+
+def test_make_run_started_as_a_background_job_stops_on_ctrl_c_and_mitmweb_url_opens(tmp_path: Path) -> None:
+    """Started with SIGINT ignored (as `make run &` is), SIGINT still stops it; with --web the
+    banner's UI address carries a token that mitmweb accepts, and the bare address is refused."""
+    import httpx
+
+    upstream = RecordingUpstream()
+    proxy_port = free_port()
+    with upstream.serve():
+        run = Launcher("--proxy-port", str(proxy_port), "--upstream", f"http://127.0.0.1:{upstream.port}", "--web",
+                       sigint_ignored=True)
+        try:
+            run.wait_for("Ctrl-C stops everything", timeout=60)
+            url = next(w for w in run.output.split() if w.startswith("http://127.0.0.1:8081/?token="))
+            assert httpx.get(url, timeout=10).status_code == 200
+            assert httpx.get("http://127.0.0.1:8081/flows", timeout=10).status_code == 403
+            run.proc.send_signal(signal.SIGINT)
+            assert run.proc.wait(30) == 0, run.output[-3000:]
+            assert not listening(proxy_port)
+        finally:
+            run.stop()
