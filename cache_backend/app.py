@@ -137,6 +137,13 @@ def create_app(state: ServerState, on_shutdown: Callable[[], None] | None = None
         check_auth(request)
         return state.metrics.snapshot(cache_stats())
 
+    @app.get("/v1/cache/requests")
+    async def get_recent_requests(request: Request, limit: int = 100) -> dict[str, Any]:
+        """Per-request figures (prompt, restored, prefilled, TTFT, queue wait, outcome), newest last:
+        what benchmarks and the end-to-end scripts read, instead of parsing the log."""
+        check_auth(request)
+        return {"data": state.metrics.recent(max(1, min(limit, ServerMetrics.RECENT)))}
+
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         check_auth(request)

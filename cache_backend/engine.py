@@ -30,7 +30,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_sampler
 
 from cache_backend.detok import IncrementalDetokenizer
-from cache_backend.metrics import ServerMetrics
+from cache_backend.metrics import RequestRecord, ServerMetrics
 from cache_backend.output import Cause, OutputAssembler, StopReason
 from cache_backend.prefix_cache import NoCache, PrefixCache, Restored
 from cache_backend.render import RenderedPrompt
@@ -113,6 +113,10 @@ class Job:
     created: float = field(default_factory=time.monotonic)
     prefilled: int = 0  # progress, for logs: prompt tokens fed so far (restored ones excluded)
     generated: int = 0  # output tokens so far
+    restored: int = 0
+    resumed: bool = False
+    started: float | None = None  # when the worker picked it up
+    ttft_s: float | None = None
 
 
 class Engine:
@@ -200,8 +204,9 @@ class Engine:
                 continue
             self.busy = True
             self._current = job
+            outcome = "failed"
             try:
-                self._run(job)
+                outcome = self._run(job)
             except Cancelled:
                 stopping = self._stopping.is_set()
                 log.info(
@@ -209,14 +214,25 @@ class Engine:
                     job.request_id, "stopped by the server shutdown" if stopping else "cancelled by the client",
                     time.monotonic() - job.created, len(job.prompt.tokens), job.prefilled, job.generated,
                 )
+                outcome = "shutdown" if stopping else "cancelled"
                 if stopping:
                     job.sink(SHUTTING_DOWN)
             except Exception as e:  # never let one request kill the worker
                 log.exception("request %s failed", job.request_id)
                 job.sink(Failed(f"{type(e).__name__}: {e}"))
             finally:
+                self._record(job, outcome)
                 self._current = None
                 self.busy = False
+
+    def _record(self, job: Job, outcome: str) -> None:
+        if self.metrics is None:
+            return
+        queued = (job.started or time.monotonic()) - job.created
+        self.metrics.record(RequestRecord(
+            request_id=job.request_id, prompt=len(job.prompt.tokens), restored=job.restored, prefilled=job.prefilled,
+            output=job.generated, ttft_s=None if job.ttft_s is None else round(job.ttft_s, 4),
+            queued_s=round(queued, 4), resumed=job.resumed, outcome=outcome))
 
     def _check(self, job: Job) -> None:
         if job.cancel.is_set():
@@ -298,12 +314,14 @@ class Engine:
         job.prefilled += 1
         return logits
 
-    def _run(self, job: Job) -> None:
-        t0 = time.monotonic()
+    def _run(self, job: Job) -> str:
+        """Serve one job; returns its stop reason."""
+        t0 = job.started = time.monotonic()
         p = job.params
         prompt = job.prompt.tokens
         restored = self._restore(job.prompt)
         cache, n_restored = restored.cache, restored.n_restored
+        job.restored, job.resumed = n_restored, restored.resumed
         if restored.resumed:
             self.resumed_prefills += 1
             log.info("request %s resumes a partial prefill: %d of %d tokens restored", job.request_id, n_restored, len(prompt))
@@ -338,7 +356,7 @@ class Engine:
             out.append(tok)
             job.generated = len(out)
             if ttft is None:
-                ttft = time.monotonic() - job.created
+                ttft = job.ttft_s = time.monotonic() - job.created
             if p.fail_after_tokens is not None and len(out) > p.fail_after_tokens:
                 raise RuntimeError(f"test-induced failure after {p.fail_after_tokens} output tokens")
             if tok in self.eos_ids:
@@ -387,3 +405,4 @@ class Engine:
             ttft_s=ttft,
             blocks=assembler.blocks,
         ))
+        return stop_reason

@@ -7,6 +7,8 @@ finished request here, the cache reports its own state, and the HTTP layer shows
 from __future__ import annotations
 
 import threading
+from collections import deque
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -14,7 +16,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
 
+@dataclass(frozen=True)
+class RequestRecord:
+    """One finished (or cancelled) /v1/messages request, as scripts read it from /v1/cache/requests."""
+
+    request_id: str
+    prompt: int
+    restored: int
+    prefilled: int
+    output: int
+    ttft_s: float | None
+    queued_s: float
+    resumed: bool
+    outcome: str  # stop reason, "cancelled", "shutdown" or "failed"
+
+
 class ServerMetrics:
+    RECENT = 512  # request records kept for /v1/cache/requests
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
@@ -29,6 +48,17 @@ class ServerMetrics:
         self._output = Counter("ccwarm_output_tokens", "Tokens generated", registry=self.registry)
         self._ttft = Histogram("ccwarm_ttft_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=self.registry)
         self._cache = Gauge("ccwarm_cache", "Prefix cache state", ["field"], registry=self.registry)
+        self._recent: deque[RequestRecord] = deque(maxlen=self.RECENT)
+
+    def record(self, rec: RequestRecord) -> None:
+        """Keep the per-request figures (any outcome) for /v1/cache/requests."""
+        with self._lock:
+            self._recent.append(rec)
+
+    def recent(self, limit: int | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            items = list(self._recent)
+        return [asdict(r) for r in items[-limit:]] if limit else [asdict(r) for r in items]
 
     def observe(self, prompt_tokens: int, restored: int, output_tokens: int, ttft_s: float | None) -> None:
         """One finished request (called on the engine's worker thread)."""
