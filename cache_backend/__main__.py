@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-chunk", type=int, default=512, help="most tokens per prefill step (steps are sized to take about --chunk-seconds)")
     ap.add_argument("--chunk-seconds", type=float, default=0.5, help="target duration of one prefill step: a dropped client frees the worker within about this long (default: %(default)s)")
     ap.add_argument("--checkpoint-seconds", type=float, default=30.0, help="during a long prefill, keep what is done every this many seconds, so a crash loses at most that (default: %(default)s)")
+    ap.add_argument("--progress-after", type=float, default=3.0, metavar="SECONDS",
+                    help="a prefill longer than this streams its progress as a thinking block, which also keeps "
+                         "Claude Code's stream watchdog from dropping it (default: %(default)s; -1: never)")
     ap.add_argument("--structured-deadline", type=float, default=60.0, help="seconds allowed for a json_schema (structured output) request")
     ap.add_argument("--cache-memory", default="20%", help="RAM for prefix KV snapshots: bytes (e.g. 8GB) or a percent of RAM (default: %(default)s); 0 disables the cache")
     ap.add_argument("--cache-disk", default="20GB", help="disk for persisted snapshots under --cache-dir (default: %(default)s); 0 keeps them in memory only")
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         max_context=limit,
         ping_interval=args.ping_interval,
         structured_deadline_s=args.structured_deadline,
+        progress_after_s=args.progress_after,
         script=script,
     )
     stopped = threading.Event()

@@ -26,6 +26,7 @@ from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job
 from cache_backend.errors import APIError, AuthenticationFailed, InvalidRequest, NotFound, error_body
 from cache_backend.metrics import ServerMetrics
 from cache_backend.output import new_id
+from cache_backend.progress import ProgressBlock
 from cache_backend.render import Renderer, RenderedPrompt, tool_call_markup, tool_dict
 from cache_backend.scripted import ScriptedReply, match
 from cache_backend.structured import opening_for
@@ -46,6 +47,7 @@ class ServerConfig:
     max_context: int | None = None
     ping_interval: float = 5.0
     structured_deadline_s: float = 60.0
+    progress_after_s: float = 3.0  # a prefill longer than this streams a progress thinking block; < 0: never
     script: list[ScriptedReply] = field(default_factory=list)
     created_at: str = "2025-01-01T00:00:00Z"
 
@@ -197,7 +199,7 @@ def create_app(state: ServerState, on_shutdown: Callable[[], None] | None = None
         msg_id = new_id("msg_")
         if req.stream:
             return StreamingResponse(
-                stream_events(job, events, msg_id, req.model, cfg.ping_interval),
+                stream_events(job, events, msg_id, req.model, cfg.ping_interval, progress_block(cfg, body)),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "request-id": request_id},
             )
@@ -213,6 +215,13 @@ def create_app(state: ServerState, on_shutdown: Callable[[], None] | None = None
     return app
 
 
+def progress_block(cfg: ServerConfig, body: dict[str, Any]) -> ProgressBlock | None:
+    """A progress block for clients that asked for thinking (Claude Code does): others get pings."""
+    thinking = body.get("thinking")
+    wants = isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+    return ProgressBlock(after_s=cfg.progress_after_s) if wants and cfg.progress_after_s >= 0 else None
+
+
 def build_params(state: ServerState, body: dict[str, Any], req: MessagesRequest, prompt: RenderedPrompt) -> GenerationParams:
     """Generation settings for one request: caps, stop rules, tool syntax, forced tokens."""
     cfg = state.config
@@ -220,8 +229,9 @@ def build_params(state: ServerState, body: dict[str, Any], req: MessagesRequest,
     max_tokens = req.max_tokens or 1
     if cfg.max_output_tokens:
         max_tokens = min(max_tokens, cfg.max_output_tokens)
-    if cfg.max_context:
-        max_tokens = max(1, min(max_tokens, cfg.max_context - len(prompt.tokens)))
+    context_cut = False
+    if cfg.max_context and cfg.max_context - len(prompt.tokens) < max_tokens:
+        max_tokens, context_cut = max(1, cfg.max_context - len(prompt.tokens)), True
     tools = [tool_dict(t) for t in req.tools] or None
     syntax = None
     if req.tools and req.tool_choice.type != "none" and req.json_schema is None:
@@ -246,6 +256,7 @@ def build_params(state: ServerState, body: dict[str, Any], req: MessagesRequest,
             forced = tuple(state.renderer.encode(opening))
     return GenerationParams(
         max_tokens=max_tokens,
+        context_cut=context_cut,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=req.top_p,
         top_k=req.top_k,
@@ -266,9 +277,11 @@ def _usage_of(ev: Started | Finished, output_tokens: int = 0) -> dict[str, Any]:
     return sse.usage(ev.prompt_tokens - ev.n_restored, output_tokens, cache_read=ev.n_restored)
 
 
-async def stream_events(job: Job, events: asyncio.Queue[Any], msg_id: str, model: str, ping_interval: float):
+async def stream_events(job: Job, events: asyncio.Queue[Any], msg_id: str, model: str, ping_interval: float,
+                        progress: ProgressBlock | None = None):
     """SSE bytes for one job. Silence longer than `ping_interval` gets a ping (an SSE comment
-    before the worker starts the job)."""
+    before the worker starts the job). With `progress`, a long prefill streams a thinking block
+    that reports it (see progress.py)."""
     done = False
     started = False
     loop = asyncio.get_running_loop()
@@ -283,13 +296,21 @@ async def stream_events(job: Job, events: asyncio.Queue[Any], msg_id: str, model
                 yield sse.encode(sse.ping()) if started else sse.comment("queued")
                 continue
             if isinstance(ev, Progress):
+                for out in progress.on_progress(ev, loop.time()) if progress is not None else ():
+                    last_sent = loop.time()
+                    yield sse.encode(out)
                 continue
             last_sent = loop.time()
+            if progress is not None and not isinstance(ev, Started):
+                for out in progress.close():
+                    yield sse.encode(out)
             if isinstance(ev, Started):
                 started = True
+                if progress is not None:
+                    progress.started(loop.time(), ev.n_restored)
                 yield sse.encode(sse.message_start(msg_id, model, _usage_of(ev)))
             elif isinstance(ev, dict):
-                yield sse.encode(ev)
+                yield sse.encode(progress.shifted(ev) if progress is not None else ev)
             elif isinstance(ev, Finished):
                 done = True
                 yield sse.encode(sse.message_delta(ev.stop_reason, ev.stop_sequence, _usage_of(ev, ev.output_tokens)))

@@ -43,6 +43,7 @@ log = logging.getLogger("cache_backend.engine")
 @dataclass(frozen=True)
 class GenerationParams:
     max_tokens: int
+    context_cut: bool = False  # max_tokens was lowered to fit the context limit
     temperature: float = 1.0
     top_p: float | None = None
     top_k: int | None = None
@@ -368,12 +369,12 @@ class Engine:
                 cause = assembler.cause or "eos"
                 break
             if len(out) >= p.max_tokens:
-                cause = "max_tokens"
+                cause = "context_window" if p.context_cut else "max_tokens"
                 break
             logits = self.model(mx.array([[tok]]), cache=cache)[:, -1, :]
             mx.eval(logits)
             fed += 1
-        if cause not in ("stop_sequence", "json_complete"):
+        if cause not in ("stop_sequence", "json_complete"):  # text held back may still be released
             piece = detok.finish()
             pieces.append(piece)
             assembler.feed(piece)

@@ -21,8 +21,11 @@ from cache_backend.toolcalls import StreamingToolParser, TextPiece, ToolCall, To
 
 log = logging.getLogger("cache_backend.output")
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
-Cause = Literal["eos", "max_tokens", "stop_sequence", "json_complete", "deadline", "cancelled"]
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "model_context_window_exceeded"]
+# "context_window": max_tokens was lowered so that prompt + output fit the server's context limit,
+# and generation used all of it. Anthropic reports that as `model_context_window_exceeded`, which
+# Claude Code handles like `max_tokens` (it resends with the partial answer to continue it).
+Cause = Literal["eos", "max_tokens", "context_window", "stop_sequence", "json_complete", "deadline", "cancelled"]
 
 _ALPHABET = string.ascii_letters + string.digits
 JSON_DELTA_CHUNK = 48
@@ -169,6 +172,8 @@ class OutputAssembler:
             return "stop_sequence"
         if self.cause in ("max_tokens", "deadline"):
             return "max_tokens"
+        if self.cause == "context_window":
+            return "model_context_window_exceeded"
         if self._tools.calls:
             return "tool_use"
         return "end_turn"

@@ -93,13 +93,16 @@ def tools_section(tools: list[dict[str, Any]]) -> str:
 
 
 def tool_reference_text(tool: Tool) -> str:
-    """A loaded deferred tool's definition, in the `<tools>` form of the up-front tool list.
+    """A loaded deferred tool's definition, where its `tool_reference` stands.
 
-    Anthropic expands a `tool_reference` into the tool's definition where it stands, so the
-    up-front list never changes when a tool is loaded. Rendering it here, inside the tool result,
-    keeps every token before it (the whole cached conversation) where it was.
+    Anthropic expands a `tool_reference` into the tool's definition in place, so the up-front
+    list never changes when a tool is loaded; rendering it here, inside the tool result, keeps
+    every token before it (the whole cached conversation) where it was. The form is the one
+    Claude Code's ToolSearch description promises the model: one
+    `<function>{"description", "name", "parameters"}</function>` line inside `<functions>`.
     """
-    return "<tools>\n" + json.dumps(tool_dict(tool), ensure_ascii=False) + "\n</tools>"
+    fn = {"description": tool.description or "", "name": tool.name, "parameters": tool.input_schema}
+    return "<functions>\n<function>" + json.dumps(fn, ensure_ascii=False) + "</function>\n</functions>"
 
 
 def json_instruction(schema: dict[str, Any]) -> str:

@@ -58,15 +58,13 @@ from typing import Any
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import httpx  # noqa: E402
+
 from ccwarm import payload  # noqa: E402
+from ccwarm.claude_cli import CliInstallError, cli_version  # noqa: E402
+from ccwarm.claude_cli import ensure_cli as _ensure_cli  # noqa: E402
 from ccwarm.harness import REPO, RecordingUpstream, mitmdump  # noqa: E402
 from ccwarm.server_proc import companion_server  # noqa: E402
-
-CLI_DIR = REPO / ".claude-cli"
-CLI = CLI_DIR / "node_modules" / ".bin" / "claude"
-# Pinned to the version this run was checked with, so CI does not change under us; try another
-# with e.g. CCWARM_CLAUDE_CODE_PACKAGE=@anthropic-ai/claude-code@latest (and an empty .claude-cli/).
-CLI_PACKAGE = os.environ.get("CCWARM_CLAUDE_CODE_PACKAGE", "@anthropic-ai/claude-code@2.1.197")
 CLI_MODEL = "claude-sonnet-4-5"
 DEFAULT_JSON = REPO / "artifacts" / "e2e_claude_code.json"
 STABILITY_ADDON = "addons/stability.py"
@@ -91,25 +89,12 @@ class E2EError(RuntimeError):
 # --- the CLI ----------------------------------------------------------------------------------------
 
 
-def ensure_cli(package: str = CLI_PACKAGE) -> Path:
-    """The claude binary under .claude-cli/, installed with npm when missing."""
-    if CLI.exists():
-        return CLI
-    npm = shutil.which("npm")
-    if npm is None:
-        raise E2EError("npm is not installed: cannot install the Claude Code CLI")
-    CLI_DIR.mkdir(exist_ok=True)
-    print(f"e2e: installing {package} into {CLI_DIR} ...", flush=True)
-    proc = subprocess.run([npm, "install", "--prefix", str(CLI_DIR), "--no-audit", "--no-fund", package],
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not CLI.exists():
-        raise E2EError(f"npm install {package} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return CLI
-
-
-def cli_version(cli: Path) -> str:
-    out = subprocess.run([str(cli), "--version"], capture_output=True, text=True, timeout=60)
-    return out.stdout.strip()
+def ensure_cli() -> Path:
+    """The pinned CLI (ccwarm.claude_cli), installed with npm when missing or another version."""
+    try:
+        return _ensure_cli()
+    except CliInstallError as e:
+        raise E2EError(str(e)) from None
 
 
 def cli_env(home: Path, proxy_port: int) -> dict[str, str]:
@@ -303,6 +288,7 @@ class Stack:
     flows: Path
     normalize: bool
     stability: bool
+    figures: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> server figures
 
 
 @contextlib.contextmanager
@@ -321,26 +307,35 @@ def chain(root: Path, model_dir: Path, script: Path, *, normalize: bool, cache_a
         options.append("stability_wait_ms=500")  # flags on the flow before -w saves it
     with companion_server(*args, log=server_log) as server, \
             mitmdump(server.port, *scripts, options=tuple(options), log=mitm_log) as (port, _):
-        yield Stack(port, server.url, server_log, mitm_log, flows, normalize, stability)
+        stack = Stack(port, server.url, server_log, mitm_log, flows, normalize, stability)
+        try:
+            yield stack
+        finally:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                stack.figures = request_figures(server.url)
 
 
 # --- analysis ------------------------------------------------------------------------------------
 
-_SERVER_LINE = re.compile(r"request (?P<id>\S+) prompt=(?P<prompt>\d+) restored=(?P<restored>\d+) prefilled=(?P<prefilled>\d+) "
-                          r"ttft=(?P<ttft>[\d.]+)s? output=(?P<output>\d+) stop=(?P<stop>\S+)")
-_SERVER_REJECT = re.compile(r"(?P<method>POST|GET) (?P<path>\S+) -> (?P<status>4\d\d|5\d\d) (?P<type>\S+): (?P<message>.*)")
+def request_figures(server_url: str) -> dict[str, dict[str, Any]]:
+    """The server's per-request figures (GET /v1/cache/requests), keyed by request id."""
+    data = httpx.get(f"{server_url}/v1/cache/requests", params={"limit": 512}, timeout=30).json()["data"]
+    return {r["request_id"]: r for r in data}
 
 
-def server_lines(log_text: str) -> dict[str, dict[str, Any]]:
-    out = {}
-    for m in _SERVER_LINE.finditer(log_text):
-        out[m["id"]] = {"prompt": int(m["prompt"]), "restored": int(m["restored"]), "prefilled": int(m["prefilled"]),
-                        "ttft_s": float(m["ttft"]), "output": int(m["output"]), "stop": m["stop"]}
+def rejections(flows: list[Any]) -> list[dict[str, Any]]:
+    """Every 4xx/5xx answer in the flow file, with the error JSON's type and message."""
+    out = []
+    for fl in flows:
+        resp = fl.response
+        if resp is None or resp.status_code < 400:
+            continue
+        try:
+            err = json.loads(resp.content or b"{}").get("error") or {}
+        except ValueError:
+            err = {}
+        out.append({"status": resp.status_code, "path": fl.request.path, "type": err.get("type"), "message": err.get("message")})
     return out
-
-
-def server_rejections(log_text: str) -> list[dict[str, str]]:
-    return [m.groupdict() for m in _SERVER_REJECT.finditer(log_text)]
 
 
 def parse_sse(raw: bytes) -> dict[str, Any]:
@@ -483,8 +478,7 @@ def analyse(stack: Stack, model_dir: Path | None) -> tuple[list[RequestRecord], 
     """Per-request records from the flow file, the server log, and our own rendering and diffs."""
     from ccwarm import stability as stab
 
-    log_text = stack.server_log.read_text(errors="replace") if stack.server_log.exists() else ""
-    lines = server_lines(log_text)
+    lines = stack.figures
     renderer = None
     if model_dir is not None:
         try:
@@ -496,7 +490,8 @@ def analyse(stack: Stack, model_dir: Path | None) -> tuple[list[RequestRecord], 
     records: list[RequestRecord] = []
     rendered: list[Any] = []
     last_main: dict[str, dict[str, Any]] = {}  # session label -> last main body
-    for fl in read_flows(stack.flows):
+    flows = read_flows(stack.flows)
+    for fl in flows:
         req = fl.request
         if req.method != "POST" or not payload.is_messages_path(req.path):
             continue
@@ -562,7 +557,7 @@ def analyse(stack: Stack, model_dir: Path | None) -> tuple[list[RequestRecord], 
     for rec, rp, best in zip(records, rendered, ideal_restorable(rendered), strict=True):
         if best is not None and rp is not None:
             rec.ideal_prefilled = len(rp.tokens) - best
-    return records, server_rejections(log_text)
+    return records, rejections(flows)
 
 
 def totals(records: list[RequestRecord]) -> dict[str, Any]:

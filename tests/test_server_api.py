@@ -51,7 +51,8 @@ def slow_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """Slow prefill (1.5 ms per token, so chunks adapt to ~0.5 s), short ping interval, and an API key."""
     d = tmp_path_factory.mktemp("slow")
     srv = ServerProcess(tiny_model, d / "server.log", "--api-key", "sekrit", "--ping-interval", "0.2",
-                        "--test-slow-prefill", "0.0015", "--max-output-tokens", "3")
+                        "--test-slow-prefill", "0.0015", "--max-output-tokens", "3",
+                        "--progress-after", "0.2")
     yield srv
     srv.stop()
 
@@ -399,3 +400,43 @@ def test_queued_request_streams_fine_with_sdk(slow_server: ServerProcess) -> Non
         r1.read()
     assert raw2.startswith(": queued")
     check_event_order(parse_sse(raw2))
+
+
+def test_a_long_prefill_streams_its_progress_as_a_thinking_block(slow_server: ServerProcess) -> None:
+    """Claude Code's watchdog ignores pings; a thinking block with progress deltas keeps the stream
+    alive and shows the user how far the prefill is. The answer's blocks follow it."""
+    long_text = " ".join(f"progress{i}" for i in range(400))
+    body = {"model": "claude-x", "max_tokens": 2, "messages": user(long_text), "thinking": {"type": "adaptive"}}
+    events = parse_sse(stream_raw(slow_server.url, body, headers={"x-api-key": "sekrit"}))
+    check_event_order(events)
+    start = next(d for n, d in events if n == "content_block_start")
+    assert start["index"] == 0 and start["content_block"]["type"] == "thinking"
+    thinking = "".join(d["delta"].get("thinking", "") for n, d in events if n == "content_block_delta" and d["index"] == 0)
+    assert "Prefilling the prompt" in thinking and " prompt tokens, " in thinking and "tok/s" in thinking, thinking
+    # Without thinking asked for, no such block: the answer starts at index 0.
+    plain = parse_sse(stream_raw(slow_server.url, {**body, "thinking": {"type": "disabled"}}, headers={"x-api-key": "sekrit"}))
+    assert all(d["content_block"]["type"] != "thinking" for n, d in plain if n == "content_block_start")
+    # The SDK reads it as an ordinary thinking block before the answer.
+    c = anthropic.Anthropic(base_url=slow_server.url, api_key="sekrit", max_retries=0)
+    with c.messages.stream(model="claude-x", max_tokens=2, messages=user("sdk " + long_text),
+                           extra_body={"thinking": {"type": "adaptive"}}) as s:
+        final = s.get_final_message()
+    assert final.content[0].type == "thinking" and final.usage.output_tokens == 2
+
+
+def test_an_answer_cut_by_the_context_limit_says_so(tmp_path: Path, tiny_model: Path) -> None:
+    """Cut by the server's context limit: `model_context_window_exceeded` (Claude Code continues
+    the answer); cut by the request's or the server's output cap: `max_tokens`."""
+    srv = ServerProcess(tiny_model, tmp_path / "server.log", "--max-context", "60")
+    try:
+        c = anthropic.Anthropic(base_url=srv.url, api_key="x", max_retries=0)
+        msg = c.messages.create(model="claude-x", max_tokens=500, messages=user("hi"), extra_body={"temperature": 0})
+        if msg.stop_reason != "end_turn":  # the random model may stop by itself first
+            assert msg.stop_reason == "model_context_window_exceeded"
+            assert msg.usage.input_tokens + msg.usage.output_tokens == 60
+        short = c.messages.create(model="claude-x", max_tokens=1, messages=user("hi"))
+        assert short.stop_reason == "max_tokens"
+        with pytest.raises(anthropic.BadRequestError, match=r"prompt is too long: \d+ tokens > 60 maximum"):
+            c.messages.create(model="claude-x", max_tokens=5, messages=user("word " * 80))
+    finally:
+        srv.stop()
