@@ -6,8 +6,8 @@ only the choice of each next token is taken from the script (forced decoding), f
 end-of-turn token. Never enable it in production.
 
 File: a JSON list of entries `{"when": "<substring>", "reply": "<text>", "fail_after_tokens": n}`.
-The first entry whose `when` occurs in the JSON of the request's last message is used (an entry
-without `when` matches every request); `fail_after_tokens` makes generation raise after n
+The first entry whose `when` occurs in the JSON of the request's last message (mid-conversation
+`role: "system"` reminders after it skipped) is used (an entry without `when` matches every request); `fail_after_tokens` makes generation raise after n
 tokens, to test mid-stream errors. Requests that match no entry are sampled normally.
 """
 
@@ -39,7 +39,7 @@ def load_script(path: Path) -> list[ScriptedReply]:
 
 
 def match(script: list[ScriptedReply], body: dict[str, Any]) -> ScriptedReply | None:
-    msgs = body.get("messages") or []
+    msgs = [m for m in body.get("messages") or [] if not (isinstance(m, dict) and m.get("role") == "system")]
     last = json.dumps(msgs[-1], ensure_ascii=False) if msgs else ""
     for e in script:
         if e.when is None or e.when in last:

@@ -135,6 +135,34 @@ def session_id_from_user_id(user_id: Any) -> str | None:
     return m.group("session") if m else None
 
 
+_CLASSIFIER = re.compile(r"^\s*You are a security monitor for autonomous AI coding agents", re.M)
+_COMPACTION = re.compile(r"CRITICAL: Respond with TEXT ONLY\. Do NOT call any tools")
+
+
+def _texts(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for block in value:
+            if isinstance(block, Mapping) and isinstance(block.get("text"), str):
+                yield block["text"]
+
+
+def purpose(body: Mapping[str, Any]) -> str | None:
+    """What a request is for, when its shape says more than its kind: "classifier" (auto mode's
+    permission check), "compaction" (/compact's summary request), "title" (json_schema output)."""
+    if any(_CLASSIFIER.search(t) for t in _texts(body.get("system"))):
+        return "classifier"
+    msgs = body.get("messages")
+    if isinstance(msgs, list) and msgs and isinstance(msgs[-1], Mapping):
+        if any(_COMPACTION.search(t) for t in _texts(msgs[-1].get("content"))):
+            return "compaction"
+    oc = body.get("output_config")
+    if isinstance(oc, Mapping) and isinstance(oc.get("format"), Mapping):
+        return "title"
+    return None
+
+
 def is_side_request(body: Mapping[str, Any]) -> bool:
     """Title generation, classifiers, quota probes: requests that carry no tools."""
     return not body.get("tools")

@@ -65,7 +65,7 @@ from ccwarm.claude_cli import CliInstallError, cli_version  # noqa: E402
 from ccwarm.claude_cli import ensure_cli as _ensure_cli  # noqa: E402
 from ccwarm.harness import REPO, RecordingUpstream, mitmdump  # noqa: E402
 from ccwarm.server_proc import companion_server  # noqa: E402
-CLI_MODEL = "claude-sonnet-4-5"
+CLI_MODEL = "claude-opus-5-5"  # the current CLI's default; auto mode refuses retired models
 DEFAULT_JSON = REPO / "artifacts" / "e2e_claude_code.json"
 STABILITY_ADDON = "addons/stability.py"
 BILLING = payload.BILLING_HEADER_NAME
@@ -106,6 +106,9 @@ def cli_env(home: Path, proxy_port: int) -> dict[str, str]:
         "ANTHROPIC_API_KEY": "local-e2e-key",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         "IS_SANDBOX": "1",  # root may use --dangerously-skip-permissions
+        # Auto mode checks each action on Anthropic's side by default; this brings back the CLI's
+        # own classifier requests (to the local server), which the e2e wants to see served.
+        "CLAUDE_CODE_AUTO_MODE_SERVER": "0",
         "NO_COLOR": "1",
     })
     env.pop("XDG_CONFIG_HOME", None)
@@ -183,33 +186,56 @@ def tool_call(name: str, args: dict[str, Any]) -> str:
     return tool_call_markup(name, args)
 
 
+NOTEBOOK = "e2e-notebook-cell.ipynb"  # the deferred tool's target; its name is the marker of its result
+DEFERRED_TOOL = "NotebookEdit"  # behind ToolSearch in the current CLI, and local (no network)
+COMPACT_SUMMARY = "E2E-SUMMARY: the user sent a long log and asked about it."
+
+
 def forced_replies(work: Path, tools: ToolNames) -> list[dict[str, str]]:
     """The forced-replies script: first entry whose `when` is in the last message's JSON wins."""
     subagent_type = "general-purpose" if "general-purpose" in tools.agent_types or not tools.agent_types else tools.agent_types[0]
     return [
+        # Auto mode's permission classifier (its transcript quotes our prompts, so it comes first).
+        {"when": "<transcript>", "reply": "<severity>5</severity>"},
+        # /compact's summary request (it carries the last user message and so its marker too).
+        {"when": "CRITICAL: Respond with TEXT ONLY", "reply": f"<summary>{COMPACT_SUMMARY}</summary>"},
         # Side request: session title generation (interactive mode), a json_schema answer.
         {"when": "<session>", "reply": TITLE_JSON},
-        # Main thread, after the sub-agent reported back (its report is in the tool_result).
-        {"when": SUBAGENT_DONE, "reply": "The sub-agent read hello.py: it prints a greeting. E2E-ANSWER-3"},
+        # Main thread, told by the task notification that the background sub-agent finished.
+        {"when": SUBAGENT_DONE, "reply": "The sub-agent read hello.py: it prints a greeting. E2E-ANSWER-4"},
         # Sub-agent, after its Read call returned the file.
         {"when": READ_MARKER, "reply": f"hello.py prints {READ_MARKER}. {SUBAGENT_DONE}"},
         # Sub-agent, first request: its prompt.
         {"when": "[[e2e-subagent]]", "reply": tool_call(tools.read, {"file_path": str(work / "hello.py")})},
+        # Main thread, right after launching the background agent.
+        {"when": "Async agent launched", "reply": "A sub-agent is reading hello.py in the background."},
         # Main thread, after Bash returned.
         {"when": BASH_MARKER, "reply": "The folder holds README.md and hello.py. E2E-ANSWER-2"},
+        # ToolSearch loaded the deferred tool: call it; then answer on its result.
+        {"when": f'"tool_name": "{DEFERRED_TOOL}"', "reply": tool_call(DEFERRED_TOOL, {
+            "notebook_path": str(work / NOTEBOOK), "new_source": "print('e2e')", "cell_type": "code", "edit_mode": "insert"})},
+        {"when": NOTEBOOK, "reply": "The notebook has a new cell. E2E-ANSWER-3"},
         {"when": "[[e2e-turn-1]]", "reply": "Hello! This answer comes from the local model. E2E-ANSWER-1"},
         {"when": "[[e2e-turn-2]]", "reply": tool_call(tools.bash, {"command": f"echo {BASH_MARKER} && ls", "description": "List files"})},
-        {"when": "[[e2e-turn-3]]", "reply": tool_call(tools.agent, {"description": "Inspect hello.py",
+        {"when": "[[e2e-turn-3]]", "reply": tool_call("ToolSearch", {"query": f"select:{DEFERRED_TOOL}", "max_results": 1})},
+        {"when": "[[e2e-turn-4]]", "reply": tool_call(tools.agent, {"description": "Inspect hello.py",
                                                                     "prompt": "[[e2e-subagent]] Read hello.py and say what it prints.",
                                                                     "subagent_type": subagent_type})},
-        {"when": "[[e2e-turn-4]]", "reply": FINAL_ANSWER},
+        {"when": "[[e2e-turn-5]]", "reply": FINAL_ANSWER},
         {"when": "[[e2e-session-2]]", "reply": NEW_SESSION_ANSWER},
+        # Session C: a turn over the server's context limit, answered after the CLI compacted.
+        {"when": "[[e2e-compact-2]]", "reply": "After compaction: the log is long. E2E-ANSWER-C2"},
+        {"when": "[[e2e-compact-1]]", "reply": "Noted the log. E2E-ANSWER-C1"},
         # Interactive run.
         {"when": "[[e2e-ui-1]]", "reply": "E2E-UI-ANSWER-1: hello on screen."},
-        # Not a read-only command, so the UI asks for permission first.
-        {"when": "[[e2e-ui-2]]", "reply": tool_call(tools.bash, {"command": "touch e2e-ui-created.txt && echo e2e-ui-bash",
-                                                                "description": "Create a file"})},
+        # Not a read-only command: auto mode asks the classifier first.
+        {"when": "[[e2e-ui-2]]", "reply": tool_call(tools.bash, {
+            "command": "touch e2e-ui-created.txt && git add e2e-ui-created.txt && echo e2e-ui-bash", "description": "Create and stage a file"})},
+        {"when": "e2e-ui-bash-2", "reply": "E2E-UI-ANSWER-2B: unstaged it."},
         {"when": "e2e-ui-bash", "reply": "E2E-UI-ANSWER-2: created the file."},
+        {"when": "[[e2e-ui-2b]]", "reply": tool_call(tools.bash, {
+            "command": "git rm -q --cached e2e-ui-created.txt && echo e2e-ui-bash-2", "description": "Unstage the file"})},
+        {"when": "[[e2e-ui-3]]", "reply": "E2E-UI-ANSWER-3: still here after compacting."},
         # Anything else (a request we did not foresee): answer at once instead of sampling 32k tokens.
         {"reply": UNSCRIPTED},
     ]
@@ -226,10 +252,24 @@ class Turn:
 SESSION_A = (
     Turn("A1 text", "[[e2e-turn-1]] Say hello.", False, "E2E-ANSWER-1"),
     Turn("A2 bash", "[[e2e-turn-2]] List the files in this folder.", True, "E2E-ANSWER-2"),
-    Turn("A3 agent", "[[e2e-turn-3]] Ask a sub-agent what hello.py prints.", True, "E2E-ANSWER-3"),
-    Turn("A4 final", "[[e2e-turn-4]] Thanks. Summarise in one line.", True, FINAL_ANSWER),
+    Turn("A3 deferred tool", f"[[e2e-turn-3]] Load the notebook tool and add a cell to {NOTEBOOK}.", True, "E2E-ANSWER-3"),
+    Turn("A4 background agent", "[[e2e-turn-4]] Ask a sub-agent what hello.py prints.", True, "E2E-ANSWER-4"),
+    Turn("A5 final", "[[e2e-turn-5]] Thanks. Summarise in one line.", True, FINAL_ANSWER),
 )
 SESSION_B = (Turn("B1 new session", "[[e2e-session-2]] Hello again, new session.", False, NEW_SESSION_ANSWER),)
+LOG_LINE = "2026-12-02 12:00:00 INFO worker {i}: processed batch {i} of the nightly import without errors"
+
+
+def compaction_turns(encode: Any, first_tokens: int, second_tokens: int) -> tuple[Turn, ...]:
+    """Session C: a long first turn, then one that pushes the prompt over the server's limit."""
+    def log_text(tokens: int, start: int) -> str:
+        lines: list[str] = []
+        while len(encode(" ".join(lines))) < tokens:
+            lines += [LOG_LINE.format(i=start + len(lines) + k) for k in range(10)]
+        return " ".join(lines)
+
+    return (Turn("C1 long log", f"[[e2e-compact-1]] Keep this log in mind: {log_text(first_tokens, 0)}", False, "E2E-ANSWER-C1"),
+            Turn("C2 over the limit", f"[[e2e-compact-2]] And this one: {log_text(second_tokens, 10_000)}", True, "E2E-ANSWER-C2"))
 
 
 def probe_tools(cli: Path, root: Path) -> tuple[ToolNames, dict[str, Any]]:
@@ -270,7 +310,7 @@ def probe_tools(cli: Path, root: Path) -> tuple[ToolNames, dict[str, Any]]:
             agent_types = tuple(re.findall(r"^- ([\w-]+):", section.group(1), re.M))
     found = ToolNames(bash=pick("Bash", required=("command", "description")), read=pick("Read", required=("file_path",)),
                       agent=agent, agent_types=agent_types, all_names=names)
-    info = {"tools": list(names), "agent_tool": agent, "agent_types": list(agent_types),
+    info = {"tools": list(names), "agent_tool": agent, "agent_types": list(agent_types), "first_request": main,
             "schemas": {n: schemas[n] for n in (found.bash, found.read, found.agent)},
             "body_keys": sorted(main), "beta": next((r.headers.get("anthropic-beta") for r in posts), None)}
     return found, info
@@ -359,6 +399,19 @@ def parse_sse(raw: bytes) -> dict[str, Any]:
             stop = ev.get("delta", {}).get("stop_reason")
             usage.update({k: v for k, v in (ev.get("usage") or {}).items() if v is not None})
     return {"text": "".join(text), "tool_calls": tools, "stop_reason": stop, "usage": usage}
+
+
+def parse_json_reply(raw: bytes) -> dict[str, Any]:
+    """Text, tool calls, stop reason and usage of a non-streamed reply (or an error)."""
+    try:
+        msg = json.loads(raw)
+    except ValueError:
+        return {}
+    blocks = msg.get("content") or [] if isinstance(msg, dict) else []
+    return {"text": "".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
+            "tool_calls": [b.get("name") for b in blocks if b.get("type") == "tool_use"],
+            "stop_reason": msg.get("stop_reason") if isinstance(msg, dict) else None,
+            "usage": msg.get("usage") or {} if isinstance(msg, dict) else {}}
 
 
 def read_flows(path: Path) -> list[Any]:
@@ -507,6 +560,7 @@ def analyse(stack: Stack, model_dir: Path | None) -> tuple[list[RequestRecord], 
         billing = [payload.parse_billing_header(d.get("text") or "") for d in dropped]
         if kind == "main" and any(b is not None and b.is_subagent for b in billing):
             kind = "subagent"  # normalize took the `cc_is_subagent=true` block out of the body
+        kind = payload.purpose(body) if payload.purpose(body) in ("classifier", "compaction") else kind
         sid = ident.session_id or "?"
         sessions.setdefault(sid, chr(ord("A") + len(sessions)))
         resp = fl.response
@@ -516,7 +570,7 @@ def analyse(stack: Stack, model_dir: Path | None) -> tuple[list[RequestRecord], 
                             billing_forwarded=BILLING in raw.decode("utf-8", "replace").lower(),
                             normalize_dropped=[f"{d.get('where')}: {d.get('reason')}" for d in dropped])
         if resp is not None and resp.content:
-            sse = parse_sse(resp.content) if "event-stream" in resp.headers.get("content-type", "") else {}
+            sse = parse_sse(resp.content) if "event-stream" in resp.headers.get("content-type", "") else parse_json_reply(resp.content)
             rec.reply, rec.tool_calls = sse.get("text", ""), sse.get("tool_calls", [])
             rec.stop_reason, rec.usage = sse.get("stop_reason"), sse.get("usage", {})
         if rid in lines:
@@ -639,14 +693,35 @@ def resolve_model(model: str | None, root: Path) -> Path:
     return Path(hf_repo_to_path(model))
 
 
+# Session C's sizes in tokens: the compaction request (history + ~1.6k tokens of summary
+# instructions) and the turn resent after it must fit; the turn before compacting must not.
+COMPACT_FIRST, COMPACT_SECOND, COMPACT_ROOM = 1500, 2500, 3500
+
+
+def run_compaction(cli: Path, model_dir: Path, root: Path, tools: ToolNames, first_request: dict[str, Any]) -> dict[str, Any]:
+    """Session C against a server whose context limit the second turn exceeds: the server answers
+    `prompt is too long: N tokens > M maximum`, the CLI compacts and resends the turn."""
+    renderer = PromptRenderer(model_dir)
+    base = len(renderer.render(json.loads(payload.strip_volatile(json.dumps(first_request).encode()).body)).tokens)
+    turns = compaction_turns(renderer.renderer.encode, COMPACT_FIRST, COMPACT_SECOND)
+    run = run_sessions(cli, model_dir, root, tools, normalize=True, turns=turns, max_context=base + COMPACT_ROOM)
+    run["max_context"] = base + COMPACT_ROOM
+    return run
+
+
 def run_comparison(cli: Path, model_dir: Path, root: Path, *, modes: tuple[bool, ...] = (True, False),
-                   probed: tuple[ToolNames, dict[str, Any]] | None = None, max_context: int = MAX_CONTEXT) -> dict[str, Any]:
-    """Probe the tool list once (unless given), then the same sessions with normalize on and off."""
+                   probed: tuple[ToolNames, dict[str, Any]] | None = None, max_context: int = MAX_CONTEXT,
+                   compaction: bool = True) -> dict[str, Any]:
+    """Probe the tool list once (unless given), then the same sessions with normalize on and off,
+    then session C (the CLI compacting on a prompt over the server's limit)."""
     tools, probe = probed or probe_tools(cli, root / "probe")
-    result: dict[str, Any] = {"cli_version": cli_version(cli), "cli_model": CLI_MODEL, "model": str(model_dir), "probe": probe, "runs": {}}
+    result: dict[str, Any] = {"cli_version": cli_version(cli), "cli_model": CLI_MODEL, "model": str(model_dir),
+                              "probe": {k: v for k, v in probe.items() if k != "first_request"}, "runs": {}}
     for normalize in modes:
         name = "normalize_on" if normalize else "normalize_off"
         result["runs"][name] = run_sessions(cli, model_dir, root / name, tools, normalize=normalize, max_context=max_context)
+    if compaction:
+        result["runs"]["compaction"] = run_compaction(cli, model_dir, root / "compaction", tools, probe["first_request"])
     on, off = result["runs"].get("normalize_on"), result["runs"].get("normalize_off")
     if on and off:
         result["comparison"] = {"prefilled_on": on["totals"]["prefilled"], "prefilled_off": off["totals"]["prefilled"],
@@ -719,16 +794,23 @@ def _wait_screen(tmux: Tmux, pattern: str, timeout: float, screens: list[str], a
         screen = tmux.screen()
         if re.search(pattern, screen):
             return screen
+        if "Pane is dead" in screen:
+            raise E2EError(f"interactive: claude exited while waiting for {pattern!r}; screen:\n{screen}")
         if "Yes, I trust this folder" in screen:
             screens.append(screen)
-            tmux.keys("Enter")  # "1. Yes, I trust this folder" is preselected
+            if not re.search(r"❯\s*(?:\d\.\s*)?Yes, I trust", screen):
+                tmux.keys("Down")  # the current CLI preselects "No, exit"; look again before Enter
+                time.sleep(0.5)
+                continue
+            tmux.keys("Enter")
             answered.append("trust this folder: yes")
             time.sleep(1.0)
         elif "Do you want to use this API key?" in screen:
             screens.append(screen)
-            if not re.search(r"❯\s*1\.\s*Yes", screen):
-                tmux.keys("Up")  # "2. No (recommended)" is preselected
-                time.sleep(0.3)
+            if not re.search(r"❯\s*(?:1\.\s*)?Yes", screen):
+                tmux.keys("Up")  # "2. No (recommended)" is preselected; look again before Enter
+                time.sleep(0.5)
+                continue
             tmux.keys("Enter")
             answered.append("use this API key: yes")
             time.sleep(1.0)
@@ -741,9 +823,17 @@ def _wait_screen(tmux: Tmux, pattern: str, timeout: float, screens: list[str], a
     raise E2EError(f"interactive: {pattern!r} did not appear within {timeout:.0f}s; screen:\n{screen}")
 
 
+UI_STEPS = (("[[e2e-ui-1]] Say hello.", "E2E-UI-ANSWER-1"),
+            ("[[e2e-ui-2]] Create a file and stage it.", "E2E-UI-ANSWER-2"),  # Bash calls that auto mode's
+            ("[[e2e-ui-2b]] Unstage it again.", "E2E-UI-ANSWER-2B"),          # classifier checks and allows
+            ("/compact", "Compacted"),
+            ("[[e2e-ui-3]] Are you still there?", "E2E-UI-ANSWER-3"))
+
+
 def run_interactive(cli: Path, model_dir: Path, root: Path, tools: ToolNames | None = None,
                     timeout: float = TURN_TIMEOUT, max_context: int = MAX_CONTEXT) -> dict[str, Any]:
-    """`claude` (no -p) under tmux: first-run dialogs, two prompts (one with an approved Bash call)."""
+    """`claude --permission-mode auto` under tmux: first-run dialogs, a text answer, a Bash call the
+    auto-mode classifier (served locally) allows, /compact, and one more prompt."""
     root.mkdir(parents=True, exist_ok=True)
     if tools is None:
         tools, _ = probe_tools(cli, root / "probe")
@@ -761,15 +851,15 @@ def run_interactive(cli: Path, model_dir: Path, root: Path, tools: ToolNames | N
     with chain(root, model_dir, script, normalize=True, max_context=max_context) as stack:
         env = cli_env(home, stack.proxy_port)
         keep = ("HOME", "PATH", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "IS_SANDBOX",
-                "LANG", "LC_ALL")
+                "CLAUDE_CODE_AUTO_MODE_SERVER", "LANG", "LC_ALL")
         env_args = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items() if k in keep)
-        command = f"env -i {env_args} TERM=xterm-256color {shlex.quote(str(cli))} --model {CLI_MODEL}"
+        command = f"env -i {env_args} TERM=xterm-256color {shlex.quote(str(cli))} --model {CLI_MODEL} --permission-mode auto"
         tmux = Tmux("ccwarm-e2e")
         try:
             tmux.start(command, work)
-            ready = r"\? for shortcuts"
+            ready = r"\? for shortcuts|auto mode on"
             _wait_screen(tmux, ready, timeout, screens, answered)
-            for prompt, expect in (("[[e2e-ui-1]] Say hello.", "E2E-UI-ANSWER-1"), ("[[e2e-ui-2]] Create a file.", "E2E-UI-ANSWER-2")):
+            for prompt, expect in UI_STEPS:
                 started = time.monotonic()
                 tmux.keys(prompt, literal=True)
                 time.sleep(0.3)
