@@ -92,7 +92,14 @@ def _served_name(model: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # a process of its own: re-run with OpenBLAS preloaded before MLX loads
+        from cache_backend.fast_blas import reexec_with_fast_blas
+
+        reexec_with_fast_blas()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from cache_backend.fast_blas import blas_in_use, matmul_gflops
+
+    log.info("BLAS: %s; float32 matmul %.0f GFLOP/s", blas_in_use(), matmul_gflops())
 
     model_ref = args.model
     if not model_ref:

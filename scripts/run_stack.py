@@ -41,7 +41,32 @@ def web_token() -> tuple[str, str]:
     return token, PasswordHasher().hash(token)
 
 
-def banner(proxy_port: int, upstream: str, tool: str, token: str | None = None) -> str:
+DEFAULT_MAX_OUTPUT = 8192  # the server's output cap, told to Claude Code so its limits match
+
+
+def claude_env(proxy_port: int, max_context: int | None, max_output: int | None) -> str:
+    """The environment line that points Claude Code at the proxy with limits that match the server.
+
+    - a model name the CLI does not know, so it reads the window from CLAUDE_CODE_MAX_CONTEXT_TOKENS
+      (it assumes 1M tokens for unknown names, and the catalog's window for known ones) and
+      compacts before the server must refuse; any claude-* name is served by the local model;
+    - CLAUDE_CODE_MAX_OUTPUT_TOKENS = the server's cap, so a cut answer is reported against it;
+    - CLAUDE_STREAM_IDLE_TIMEOUT_MS / API_TIMEOUT_MS: 30 minutes, for CPU prefills of a long first
+      prompt (the progress block keeps the stream alive anyway; these cover a queued request).
+    """
+    parts = [f"ANTHROPIC_BASE_URL=http://127.0.0.1:{proxy_port}", "ANTHROPIC_API_KEY=local"]
+    if max_context:
+        parts += [f"ANTHROPIC_MODEL={LOCAL_MODEL_NAME}", f"CLAUDE_CODE_MAX_CONTEXT_TOKENS={max_context}"]
+    if max_output:
+        parts.append(f"CLAUDE_CODE_MAX_OUTPUT_TOKENS={max_output}")
+    parts += ["CLAUDE_STREAM_IDLE_TIMEOUT_MS=1800000", "API_TIMEOUT_MS=1800000"]
+    return " ".join(parts)
+
+
+LOCAL_MODEL_NAME = "claude-ccwarm-local"
+
+
+def banner(proxy_port: int, upstream: str, tool: str, token: str | None = None, env_line: str = "") -> str:
     web = ""
     if tool == "mitmweb":
         web = (f"\nmitmweb's UI: http://127.0.0.1:{WEB_PORT}/?token={token} "
@@ -49,12 +74,14 @@ def banner(proxy_port: int, upstream: str, tool: str, token: str | None = None) 
     return f"""
 ccwarm is running: proxy 127.0.0.1:{proxy_port} -> {upstream}
 {web}
-Point Claude Code at the proxy:
+Point Claude Code (npm install -g @anthropic-ai/claude-code; node >= 22) at the proxy:
 
-    ANTHROPIC_BASE_URL=http://127.0.0.1:{proxy_port} ANTHROPIC_API_KEY=local claude
+    {env_line} claude
 
 (any API key works unless the server was started with --api-key). The proxy strips the billing
 header, so CLAUDE_CODE_ATTRIBUTION_HEADER=0 is not needed; it is harmless if set.
+First start with a fresh HOME: put {{"hasCompletedOnboarding": true}} in ~/.claude.json, then
+answer "Yes, I trust this folder" and "Yes" to "use this API key" (its default is No).
 Watch this log: one 'normalize: dropped system[0] ...' line per request, a warning for anything
 else that breaks the cached prefix, and the server's per-request line with restored/prefilled tokens.
 Ctrl-C stops everything.
@@ -68,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upstream", help="Anthropic-compatible server to proxy instead of starting the companion server")
     ap.add_argument("--model", help="mlx-lm model directory or Hugging Face repo id (default: bundled SmolLM2-135M)")
     ap.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
+    ap.add_argument("--max-output-tokens", type=int, default=DEFAULT_MAX_OUTPUT)
     ap.add_argument("--cache-dir", help="the server's model and snapshot folder (default: the server's, ~/.cache/ccwarm)")
     ap.add_argument("--web", action="store_true", help="use mitmweb (UI on http://127.0.0.1:8081) instead of mitmdump")
     args = ap.parse_args(argv)
@@ -80,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             upstream = args.upstream
             if upstream is None:
-                server_args = ["--max-context", str(args.max_context)]
+                server_args = ["--max-context", str(args.max_context), "--max-output-tokens", str(args.max_output_tokens)]
                 server_args += ["--model", args.model] if args.model else []
                 server_args += ["--cache-dir", args.cache_dir] if args.cache_dir else []
                 print(f"run: starting the companion server on 127.0.0.1:{args.server_port} "
@@ -101,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_port(args.proxy_port, proxy)
             if args.web:
                 wait_for_port(WEB_PORT, proxy)
-            print(banner(args.proxy_port, upstream, tool, token), flush=True)
+            local = args.upstream is None
+            env_line = claude_env(args.proxy_port, args.max_context if local else None, args.max_output_tokens if local else None)
+            print(banner(args.proxy_port, upstream, tool, token, env_line), flush=True)
             children = [proxy] + ([server.proc] if args.upstream is None else [])
             while all(p.poll() is None for p in children):
                 time.sleep(0.5)

@@ -79,7 +79,9 @@ def test_make_run_serves_claude_code_through_the_proxy(tiny_model_dir: Path, tmp
                    "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"))
     try:
         run.wait_for("Ctrl-C stops everything")
-        assert f"ANTHROPIC_BASE_URL=http://127.0.0.1:{proxy_port} ANTHROPIC_API_KEY=local claude" in run.output
+        assert (f"ANTHROPIC_BASE_URL=http://127.0.0.1:{proxy_port} ANTHROPIC_API_KEY=local ANTHROPIC_MODEL=claude-ccwarm-local "
+                "CLAUDE_CODE_MAX_CONTEXT_TOKENS=65536 CLAUDE_CODE_MAX_OUTPUT_TOKENS=8192 CLAUDE_STREAM_IDLE_TIMEOUT_MS=1800000 "
+                "API_TIMEOUT_MS=1800000 claude") in run.output
         client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{proxy_port}", api_key="local", max_retries=0)
         first, second = SessionGenerator(SessionSpec(seed=5, turns=2, tools_json_bytes=20_000, system_bytes=2_000)).main_turns()
         cold = ask(client, first)
