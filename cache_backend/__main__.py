@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-context", type=int, default=None, help="prompt length limit in tokens (default: the model's max_position_embeddings)")
     ap.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before an SSE ping (default: %(default)s)")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="most tokens per prefill step (steps are sized to take about --chunk-seconds)")
-    ap.add_argument("--chunk-seconds", type=float, default=0.5, help="target duration of one prefill step: a dropped client frees the worker within about this long (default: %(default)s)")
+    ap.add_argument("--chunk-seconds", type=float, default=1.0, help="target duration of one prefill step: a dropped client frees the worker within about this long (default: %(default)s)")
     ap.add_argument("--checkpoint-seconds", type=float, default=30.0, help="during a long prefill, keep what is done every this many seconds, so a crash loses at most that (default: %(default)s)")
     ap.add_argument("--progress-after", type=float, default=3.0, metavar="SECONDS",
                     help="a prefill longer than this streams its progress as a thinking block, which also keeps "

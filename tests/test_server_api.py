@@ -440,3 +440,33 @@ def test_an_answer_cut_by_the_context_limit_says_so(tmp_path: Path, tiny_model: 
             c.messages.create(model="claude-x", max_tokens=5, messages=user("word " * 80))
     finally:
         srv.stop()
+
+
+def test_a_structured_request_that_hits_its_deadline_answers_and_keeps_the_cache_right(tmp_path: Path, tiny_model: Path) -> None:
+    """The deadline exit used to save a snapshot one token off (a 500 on 9 of 10 requests)."""
+    srv = ServerProcess(tiny_model, tmp_path / "server.log", "--structured-deadline", "0.3", "--test-slow-prefill", "0.002")
+    try:
+        schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
+        body = {"model": "claude-x", "max_tokens": 2000, "messages": user("a title, slowly"),
+                "output_config": {"format": {"type": "json_schema", "schema": schema}}}
+        for _ in range(5):
+            r = httpx.post(srv.url + "/v1/messages", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["stop_reason"] in ("max_tokens", "end_turn")
+        assert "snapshot of" not in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_a_non_streamed_client_that_leaves_frees_the_worker(server: ServerProcess) -> None:
+    """Dropped during decoding (events flowing), the generation stops: the next request waits
+    for ~nothing instead of thousands of tokens."""
+    body = {"model": "claude-x", "max_tokens": 100000, "messages": user("decode forever, non-streamed")}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/messages", json=body, timeout=1.0)
+    t0 = time.monotonic()
+    r = httpx.post(server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 3, "messages": user("next")}, timeout=60)
+    assert r.status_code == 200
+    assert time.monotonic() - t0 < 5
+    recent = httpx.get(server.url + "/v1/cache/requests", timeout=10).json()["data"]
+    assert recent[-2]["outcome"] == "cancelled" and recent[-2]["output"] < 2000, recent[-2]
