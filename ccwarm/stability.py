@@ -361,7 +361,7 @@ class _Layout:
     @property
     def tools(self) -> list[int]:
         if self._tools is None:
-            self._tools = [len(render_tool(t)) for t in _as_list(self.body.get("tools"))]
+            self._tools = [len(render_tool(t)) for t in upfront_tools(self.body)]
         return self._tools
 
     @property
@@ -393,6 +393,12 @@ class _Layout:
 
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else ([] if value is None else [value])
+
+
+def upfront_tools(body: Mapping[str, Any]) -> list[Any]:
+    """The tools a server puts before the messages: deferred ones (`defer_loading: true`) are
+    rendered where a tool_reference loads them, so adding one to `tools` moves no prefix."""
+    return [t for t in _as_list(body.get("tools")) if not (isinstance(t, dict) and t.get("defer_loading") is True)]
 
 
 def _tool_name(tool: Any) -> str:
@@ -461,7 +467,7 @@ class _Comparer:
     # -- tools ------------------------------------------------------------------------------------
 
     def tools(self) -> None:
-        ta, tb = _as_list(self.prev.get("tools")), _as_list(self.cur.get("tools"))
+        ta, tb = upfront_tools(self.prev), upfront_tools(self.cur)
         if ta == tb:
             self.layout.adopt_tools(self.prev_layout)
             return

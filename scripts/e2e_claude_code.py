@@ -215,6 +215,8 @@ def forced_replies(work: Path, tools: ToolNames) -> list[dict[str, str]]:
         {"when": f'"tool_name": "{DEFERRED_TOOL}"', "reply": tool_call(DEFERRED_TOOL, {
             "notebook_path": str(work / NOTEBOOK), "new_source": "print('e2e')", "cell_type": "code", "edit_mode": "insert"})},
         {"when": NOTEBOOK, "reply": "The notebook has a new cell. E2E-ANSWER-3"},
+        # NotebookEdit's result, should it not name the file (the other tool results carry markers).
+        {"when": '"type": "tool_result"', "reply": "The notebook has a new cell. E2E-ANSWER-3"},
         {"when": "[[e2e-turn-1]]", "reply": "Hello! This answer comes from the local model. E2E-ANSWER-1"},
         {"when": "[[e2e-turn-2]]", "reply": tool_call(tools.bash, {"command": f"echo {BASH_MARKER} && ls", "description": "List files"})},
         {"when": "[[e2e-turn-3]]", "reply": tool_call("ToolSearch", {"query": f"select:{DEFERRED_TOOL}", "max_results": 1})},
@@ -252,7 +254,7 @@ class Turn:
 SESSION_A = (
     Turn("A1 text", "[[e2e-turn-1]] Say hello.", False, "E2E-ANSWER-1"),
     Turn("A2 bash", "[[e2e-turn-2]] List the files in this folder.", True, "E2E-ANSWER-2"),
-    Turn("A3 deferred tool", f"[[e2e-turn-3]] Load the notebook tool and add a cell to {NOTEBOOK}.", True, "E2E-ANSWER-3"),
+    Turn("A3 deferred tool", "[[e2e-turn-3]] Load the notebook tool and add a cell.", True, "E2E-ANSWER-3"),
     Turn("A4 background agent", "[[e2e-turn-4]] Ask a sub-agent what hello.py prints.", True, "E2E-ANSWER-4"),
     Turn("A5 final", "[[e2e-turn-5]] Thanks. Summarise in one line.", True, FINAL_ANSWER),
 )

@@ -151,3 +151,9 @@ def test_the_session_is_served_and_cached(server: ServerProcess) -> None:
     classifiers = [f for f in figures if f[0].startswith("classifier")]
     for label, prompt, restored in classifiers[1:]:
         assert restored >= 0.9 * prompt, (label, figures)
+
+
+def test_loading_a_deferred_tool_is_no_prefix_break_for_the_stability_diff() -> None:
+    i = by_label("main 5")[0]
+    diff = compare(NORMALIZED[i - 1], NORMALIZED[i])
+    assert not diff.prefix_breaks, [b.reason for b in diff.prefix_breaks]
