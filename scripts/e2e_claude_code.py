@@ -215,8 +215,6 @@ def forced_replies(work: Path, tools: ToolNames) -> list[dict[str, str]]:
         {"when": f'"tool_name": "{DEFERRED_TOOL}"', "reply": tool_call(DEFERRED_TOOL, {
             "notebook_path": str(work / NOTEBOOK), "new_source": "print('e2e')", "cell_type": "code", "edit_mode": "insert"})},
         {"when": NOTEBOOK, "reply": "The notebook has a new cell. E2E-ANSWER-3"},
-        # NotebookEdit's result, should it not name the file (the other tool results carry markers).
-        {"when": '"type": "tool_result"', "reply": "The notebook has a new cell. E2E-ANSWER-3"},
         {"when": "[[e2e-turn-1]]", "reply": "Hello! This answer comes from the local model. E2E-ANSWER-1"},
         {"when": "[[e2e-turn-2]]", "reply": tool_call(tools.bash, {"command": f"echo {BASH_MARKER} && ls", "description": "List files"})},
         {"when": "[[e2e-turn-3]]", "reply": tool_call("ToolSearch", {"query": f"select:{DEFERRED_TOOL}", "max_results": 1})},
@@ -238,6 +236,8 @@ def forced_replies(work: Path, tools: ToolNames) -> list[dict[str, str]]:
         {"when": "[[e2e-ui-2b]]", "reply": tool_call(tools.bash, {
             "command": "git rm -q --cached e2e-ui-created.txt && echo e2e-ui-bash-2", "description": "Unstage the file"})},
         {"when": "[[e2e-ui-3]]", "reply": "E2E-UI-ANSWER-3: still here after compacting."},
+        # NotebookEdit's result, should it not name the file (the other tool results carry markers).
+        {"when": '"type": "tool_result"', "reply": "The notebook has a new cell. E2E-ANSWER-3"},
         # Anything else (a request we did not foresee): answer at once instead of sampling 32k tokens.
         {"reply": UNSCRIPTED},
     ]
