@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--no-ui", action="store_true", help="skip the interactive UI step")
     args = ap.parse_args(argv)
+    # A SIGTERM (e.g. from `timeout`) takes the normal exit path, so the stack below is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cli = ensure_cli()
     root = Path(tempfile.mkdtemp(prefix="ccwarm-first-contact-"))
     home, work = workspace(root)
