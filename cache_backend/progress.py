@@ -22,7 +22,7 @@ def _duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def progress_text(p: Progress, restored: int) -> str:
+def progress_text(p: Progress) -> str:
     line = f"{p.done:,} of {p.total:,} prompt tokens, {p.tokens_per_s:,.0f} tok/s"
     eta = p.eta_s
     if eta is not None:
@@ -61,7 +61,7 @@ class ProgressBlock:
         elif now - self._last < self.every_s:
             return out
         self._last = now
-        out.append(_delta(progress_text(p, self._restored) + "\n"))
+        out.append(_delta(progress_text(p) + "\n"))
         return out
 
     def close(self) -> list[dict[str, Any]]:
