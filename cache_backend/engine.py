@@ -4,8 +4,9 @@ Why one thread: MLX streams belong to the thread that created them, and the mode
 are not safe to share, so every model call happens here and HTTP handlers only queue jobs and
 read events. Requests are served in arrival order (never rejected for being busy). A job's
 `cancel` flag is checked between prefill chunks and before every decode step; prefill chunks
-are sized from the measured prefill speed to last about `chunk_seconds`, so a client that goes
-away stops costing compute within about a second on any model. The prompt cache comes from a
+are sized from the measured prefill speed to last about `chunk_seconds` (never below MIN_CHUNK
+tokens), so a client that goes away stops costing compute within about a second, a few seconds
+for a long prompt on a slow CPU. The prompt cache comes from a
 `PrefixCache` (see prefix_cache.py): only the tokens it could not restore are prefilled.
 
 Prefill is resumable: a prefill that is cancelled (client gone, server stopping) offers what it
@@ -296,10 +297,11 @@ class Engine:
                 chunk = self._next_chunk(end - pos, now - t, chunk)
                 job.prefilled += end - pos
                 pos = end
-                job.sink(Progress(done=pos, total=total, tokens_per_s=rate))
+                progress = Progress(done=pos, total=total, tokens_per_s=rate)
+                job.sink(progress)
                 if now - t_logged >= 5.0:
                     t_logged = now
-                    eta = Progress(pos, total, rate).eta_s
+                    eta = progress.eta_s
                     log.info("request %s prefill %d/%d tokens, %.0f tok/s, ~%.0fs left",
                              job.request_id, pos, total, rate, eta if eta is not None else 0)
                 if pos in stops:
