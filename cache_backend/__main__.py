@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--structured-deadline", type=float, default=60.0, help="seconds allowed for a json_schema (structured output) request")
     ap.add_argument("--cache-memory", default="20%", help="RAM for prefix KV snapshots: bytes (e.g. 8GB) or a percent of RAM (default: %(default)s); 0 disables the cache")
     ap.add_argument("--cache-disk", default="20GB", help="disk for persisted snapshots under --cache-dir (default: %(default)s); 0 keeps them in memory only")
+    ap.add_argument("--attention", choices=("auto", "numpy", "mlx"), default="auto",
+                    help="auto: on the CPU compute float32 attention with NumPy (MLX's CPU softmax is ~9x slower); mlx: always mlx-lm's")
     ap.add_argument("--log-level", default="INFO")
     test = ap.add_argument_group("test-only options (never use in production)")
     test.add_argument("--test-forced-replies", type=Path, default=None, metavar="FILE",
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     from cache_backend.scripted import load_script
 
     model, tokenizer, config = load(model_ref, return_config=True)
+    from cache_backend.cpu_attention import install as install_attention
+
+    log.info("attention: %s", install_attention(model, args.attention))
     # The server enforces its own context limit; silence transformers' "longer than maximum" warning.
     tokenizer.model_max_length = sys.maxsize
     trained = _context_limit(config)

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Raw model speed of the server's engine: prefill tokens/s at 1k, 8k, 25k tokens and decode tokens/s.
+"""Raw model speed of the server's engine: prefill and decode tokens/s at 1k, 8k, 20k+ tokens.
 
 Runs the server's own Engine (the single MLX worker, chunked prefill, the decode loop) with no
-prefix cache, on the tiny benchmark model and on the bundled default model (short prompts only
-for the default model on CPU: its prefill runs at tens of tokens/s here). Prints a table and
-writes JSON with the machine it ran on.
+prefix cache, on the tiny benchmark models and on the bundled default model, once per attention
+implementation (``--attention numpy mlx``: see ``cache_backend/cpu_attention.py``), with the
+BLAS the server would preload. Prints a table and writes JSON with the machine it ran on. The
+default model at 20k tokens takes several minutes on a 2-core CPU.
 
-    .venv/bin/python scripts/bench_backend.py [--sizes 1000 8000 25000] [--default-sizes 256 1024]
+    .venv/bin/python scripts/bench_backend.py [--sizes 1000 8000 25000] [--default-sizes 1000 8000 20000]
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ def measure(engine: Engine, n_prompt: int, n_decode: int, seed: int) -> dict[str
             continue
 
 
-def bench_model(name: str, model_dir: str, sizes: list[int], n_decode: int) -> list[dict]:
+def bench_model(name: str, model_dir: str, sizes: list[int], n_decode: int, attention: str) -> list[dict]:
     from mlx_lm import load
 
+    from cache_backend.cpu_attention import install
+
     model, tokenizer = load(model_dir)
+    attention = install(model, attention)
     engine = Engine(model, tokenizer, prefill_chunk=512)
     engine.start()
     rows = []
@@ -68,6 +72,7 @@ def bench_model(name: str, model_dir: str, sizes: list[int], n_decode: int) -> l
         for n in tqdm(sizes, desc=name, unit="prompt"):
             row = measure(engine, n, n_decode, seed=n)
             row["model"] = name
+            row["attention"] = attention.split()[0]
             rows.append(row)
     finally:
         engine.stop()
@@ -77,11 +82,20 @@ def bench_model(name: str, model_dir: str, sizes: list[int], n_decode: int) -> l
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 8000, 25000])
-    ap.add_argument("--default-sizes", type=int, nargs="*", default=[256, 1024])
+    ap.add_argument("--default-sizes", type=int, nargs="*", default=[1000, 8000, 20000])
+    ap.add_argument("--attention", nargs="+", choices=("auto", "numpy", "mlx"), default=["numpy", "mlx"],
+                    help="attention implementations to run side by side (default: both)")
+    ap.add_argument("--mlx-default-sizes", type=int, nargs="*", default=[1000, 8000],
+                    help="default-model sizes for --attention mlx (its CPU attention makes 20k take an hour)")
     ap.add_argument("--decode", type=int, default=32, help="tokens to decode per request")
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("CCWARM_CACHE_DIR", "~/.cache/ccwarm")).expanduser())
     ap.add_argument("--json", type=Path, default=REPO / "artifacts" / "bench_backend.json")
     args = ap.parse_args()
+    from cache_backend.fast_blas import blas_in_use, matmul_gflops, reexec_with_fast_blas
+
+    reexec_with_fast_blas()  # the server does the same: measure what it runs
+    blas = f"{blas_in_use()}; float32 matmul {matmul_gflops():.0f} GFLOP/s"
+    print(f"BLAS: {blas}")
 
     from cache_backend.tiny_model import make_tiny_model
 
@@ -91,18 +105,21 @@ def main() -> int:
         "tiny (1 layer, hidden 512; cache bench)": str(make_tiny_model(work / "tiny512", seed=0, hidden_size=512, intermediate_size=2048)),
     }
     rows = []
-    for name, path in models.items():
-        rows += bench_model(name, path, args.sizes, args.decode)
-    if args.default_sizes:
-        from cache_backend.default_model import ensure_default_model
+    for mode in args.attention:
+        for name, path in models.items():
+            rows += bench_model(name, path, args.sizes, args.decode, mode)
+        if args.default_sizes:
+            from cache_backend.default_model import ensure_default_model
 
-        rows += bench_model("SmolLM2-135M (default)", str(ensure_default_model(args.cache_dir)), args.default_sizes, args.decode)
+            rows += bench_model("SmolLM2-135M (default)", str(ensure_default_model(args.cache_dir)),
+                                args.mlx_default_sizes if mode == "mlx" else args.default_sizes, args.decode, mode)
 
-    print(f"\n{'model':<42}{'prompt':>8}{'TTFT s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}")
+    print(f"\n{'model':<42}{'attention':>10}{'prompt':>8}{'TTFT s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}")
     for r in rows:
-        print(f"{r['model']:<42}{r['prompt_tokens']:>8}{r['ttft_s']:>9.2f}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}")
+        print(f"{r['model']:<42}{r['attention']:>10}{r['prompt_tokens']:>8}{r['ttft_s']:>9.2f}"
+              f"{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}")
     machine = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-               "python": platform.python_version(), "ld_preload": os.environ.get("LD_PRELOAD", "")}
+               "python": platform.python_version(), "blas": blas}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     print(f"\nmachine: {machine}\nwrote {args.json}")
