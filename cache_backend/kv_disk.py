@@ -4,8 +4,10 @@ Files are mlx-lm `save_prompt_cache` safetensors with our metadata (format versi
 fingerprint, the snapshot's tokens). They are written by a background thread after the response
 (never on the request path), to a temporary name and renamed, so a crash leaves either the old
 state or the whole new file. At start only the headers are read; arrays load when a lookup picks
-a snapshot. Anything unreadable, truncated or made for another model is removed with a warning:
-a bad file costs a prefill, never a wrong answer or a crash.
+a snapshot, and are checked against the checksum written with them (tokens, metadata, every
+tensor byte). Anything unreadable, truncated, damaged, made for another model or not a regular
+file is removed, with one warning at start: a bad file costs a prefill, never a wrong answer or
+a failed start.
 """
 
 from __future__ import annotations
@@ -16,38 +18,112 @@ import json
 import logging
 import os
 import queue
+import shutil
+import stat
 import struct
 import threading
 import time
+import zlib
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from cache_backend.kv_snapshots import Layers, Snapshot, tokens_held
 
-FORMAT = "ccwarm-kv/1"
+# 2: a checksum of tokens, metadata and tensors (snapshot_checksum); files of format 1 are removed.
+FORMAT = "ccwarm-kv/2"
+# The metadata fields covered by the checksum, besides the tokens.
+_CHECKED = ("format", "model", "conversation", "protected", "trimmable")
 log = logging.getLogger("ccwarm.kv_disk")
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """Identity of a model's weights and config, cheap enough to compute at every start.
+def model_fingerprint(model_dir: Path, hashes: Path | None = None) -> str:
+    """Identity of a model's weights and config: changes when any byte of any weight changes.
 
-    Hashes config.json and, per weight file, its size and three 1 MiB samples: two seeds of the
-    same architecture differ there, and hashing whole multi-GB files would slow every start.
+    Each weight file contributes its name, size and a SHA-256 of its whole content. That hash
+    costs ~1 s per GB, so it is computed once per file and kept in `hashes` (a JSON file keyed by
+    the file's resolved path, size, mtime and inode); later starts only stat the files.
     """
+    known = _read_hashes(hashes)
     h = hashlib.sha256()
     config = model_dir / "config.json"
-    h.update(config.read_bytes() if config.exists() else b"")
-    for path in sorted(model_dir.glob("*.safetensors")):
-        size = path.stat().st_size
-        h.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
-            for offset in (0, max(0, size // 2 - 2**19), max(0, size - 2**20)):
-                f.seek(offset)
-                h.update(f.read(2**20))
+    h.update(config.read_bytes() if config.is_file() else b"")
+    changed = False
+    for path in sorted(p for p in model_dir.glob("*.safetensors") if p.is_file()):
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        digest = known.get(key)
+        if not isinstance(digest, str):
+            digest = known[key] = _file_sha256(path, st.st_size)
+            changed = True
+        h.update(f"{path.name}:{st.st_size}:{digest}\n".encode())
+    if changed and hashes is not None:
+        _write_hashes(hashes, known)
     return h.hexdigest()
+
+
+def _file_sha256(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    if size > 2**30:
+        log.info(f"kv cache: hashing {path.name} ({size / 2**30:.1f} GB) once, to tell its snapshots from other models'")
+    with path.open("rb") as f:
+        while chunk := f.read(2**24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_hashes(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        return known if isinstance(known, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecursionError) as e:
+        log.warning(f"kv cache: ignoring unreadable {path.name} ({e}); weight hashes are computed again")
+        return {}
+
+
+def _write_hashes(path: Path, known: dict[str, Any]) -> None:
+    # Keep the newest entries only: a model updated in place leaves its old keys behind.
+    items = list(known.items())[-256:]
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(dict(items)), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning(f"kv cache: cannot save weight hashes to {path} ({e}); they are computed again next start")
+
+
+def snapshot_checksum(tokens: np.ndarray, fields: dict[str, str], layers: Layers) -> str:
+    """CRC-32 over a snapshot's tokens, metadata and every tensor byte, as written and as loaded.
+
+    CRC-32 because it runs at ~2.4 GB/s here (SHA-256 ~1.1 GB/s) and the threat is damage, not
+    an attacker; it is checked on every load from disk, so its cost is part of a restore.
+    """
+    crc = zlib.crc32(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+    for k in sorted(fields):
+        crc = zlib.crc32(f"{k}={fields[k]}\n".encode(), crc)
+    for name, value in tree_flatten([[type(c).__name__, c.state] for c in layers]):
+        crc = zlib.crc32(f"{name}:".encode(), crc)
+        if isinstance(value, mx.array):
+            crc = zlib.crc32(f"{value.dtype}{value.shape}".encode(), crc)
+            crc = zlib.crc32(_array_bytes(value), crc)
+        else:
+            crc = zlib.crc32(str(value).encode(), crc)
+    return f"{crc:08x}"
+
+
+def _array_bytes(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:  # NumPy has no bfloat16: the same bytes as 16-bit integers
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.asarray(memoryview(a)))
 
 
 def _read_header(path: Path) -> dict[str, str]:
@@ -69,7 +145,12 @@ def _read_header(path: Path) -> dict[str, str]:
 
 
 class DiskTier:
-    """Snapshots as files under `root`, one folder per model, LRU within `budget` bytes."""
+    """Snapshots as files under `root`, one folder per model, LRU within `budget` bytes.
+
+    A snapshot handed to :meth:`write` stays findable (``entries``, with its arrays) until its
+    file is durable, even if the memory tier evicts it meanwhile; and a file it supersedes
+    (:meth:`forget` with ``replaced_by``) is deleted only once the replacement is on disk.
+    """
 
     def __init__(self, root: Path, fingerprint: str, budget: int, write_delay: float = 1.0) -> None:
         self.dir = root / "kv" / fingerprint[:16]
@@ -79,9 +160,15 @@ class DiskTier:
         # A prompt snapshot is usually superseded by its prompt + output snapshot a moment later:
         # waiting a little before writing skips those files instead of writing and deleting them.
         self.write_delay = write_delay
-        self.index: dict[str, Snapshot] = {}  # guarded by _lock: the writer thread adds to it
+        # Guarded by _lock (the writer thread changes them): snapshots with a file, snapshots
+        # queued for writing (their arrays held until written), and files to delete once the
+        # snapshot named by the key is durable.
+        self.index: dict[str, Snapshot] = {}
+        self.pending: dict[str, Snapshot] = {}
+        self._after_write: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self.removed_bad = 0
+        self.bytes_written = 0
         self._forgotten: set[str] = set()
         self._closing = False
         self._queue: queue.Queue[tuple[float, Snapshot] | None] = queue.Queue()
@@ -92,38 +179,72 @@ class DiskTier:
     def path(self, snap_id: str) -> Path:
         return self.dir / f"{snap_id}.safetensors"
 
+    def _files(self) -> list[tuple[Path, os.stat_result]]:
+        """Committed snapshot files (regular files, not temporaries), oldest first."""
+        out = []
+        for entry in os.scandir(self.dir):
+            if entry.name.startswith(".") or not entry.name.endswith(".safetensors"):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # removed meanwhile
+            if stat.S_ISREG(st.st_mode):
+                out.append((Path(entry.path), st))
+        return sorted(out, key=lambda f: f[1].st_mtime)
+
     @property
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.glob("*.safetensors") if not p.name.startswith("."))
+        return sum(st.st_size for _, st in self._files())
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of snapshots waiting for their file: held in RAM on top of --cache-memory."""
+        with self._lock:
+            return sum(s.nbytes for s in self.pending.values())
 
     # -- index ----------------------------------------------------------------------------------
 
     def entries(self) -> list[Snapshot]:
+        """Every snapshot this tier can restore: on disk (arrays not loaded) or still queued."""
         with self._lock:
-            return list(self.index.values())
+            return list(self.index.values()) + [s for k, s in self.pending.items() if k not in self.index]
 
     def _unindex(self, snap_id: str) -> None:
         with self._lock:
             self.index.pop(snap_id, None)
 
     def _scan(self) -> None:
-        for tmp in self.dir.glob(".*.tmp.safetensors"):
-            tmp.unlink(missing_ok=True)  # a write that a crash interrupted
-        for path in sorted(self.dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
+        bad: list[str] = []
+        for entry in sorted(self.dir.iterdir(), key=_mtime):
+            name = entry.name
+            if name.startswith(".") and name.endswith(".tmp.safetensors"):
+                _remove(entry)  # a write that a crash interrupted: expected, not worth a warning
+                continue
+            if not name.endswith(".safetensors"):
+                continue  # token logs and anything else the folder holds
             try:
-                meta = _read_header(path)
-                snap = self._snapshot_from_meta(path.stem, meta)
-            except (OSError, ValueError, KeyError) as e:
-                self._remove_bad(path, str(e))
+                if entry.is_symlink() or not entry.is_file():
+                    raise ValueError("not a regular file")
+                snap = self._snapshot_from_meta(entry.stem, _read_header(entry))
+            except Exception as e:  # noqa: BLE001 - any unreadable entry is skipped, never a failed start
+                bad.append(f"{name} ({type(e).__name__}: {e})"[:200])
+                self.removed_bad += 1
+                _remove(entry)
                 continue
             self.index[snap.id] = snap
+        if bad:
+            log.warning(f"kv cache: removed {len(bad)} unusable entr{'y' if len(bad) == 1 else 'ies'} from {self.dir}: "
+                        + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else ""))
 
     def _snapshot_from_meta(self, snap_id: str, meta: dict[str, str]) -> Snapshot:
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
         if meta.get("model") != self.fingerprint:
             raise ValueError("made for another model")
-        tokens = np.frombuffer(base64.b64decode(meta["tokens"]), dtype="<i4").astype(np.int32)
+        if not meta.get("checksum"):
+            raise ValueError("no checksum")
+        tokens = np.frombuffer(base64.b64decode(meta["tokens"], validate=True), dtype="<i4").astype(np.int32)
         return Snapshot(id=snap_id, tokens=tokens, layers=None, conversation=meta.get("conversation", ""),
                         protected=int(meta.get("protected", 0)), trimmable=meta.get("trimmable") == "1",
                         nbytes=0, on_disk=True)
@@ -131,12 +252,17 @@ class DiskTier:
     def _remove_bad(self, path: Path, why: str) -> None:
         log.warning(f"kv cache: removing unusable snapshot file {path.name}: {why}")
         self.removed_bad += 1
-        path.unlink(missing_ok=True)
+        _remove(path)
 
     # -- reads ----------------------------------------------------------------------------------
 
     def load(self, snap: Snapshot) -> Layers | None:
-        """The snapshot's cache from its file; None (and the file removed) if it is unusable."""
+        """The snapshot's cache, from memory if its write is still queued, else from its file
+        (checked against its checksum); None (and the file removed) if it is unusable."""
+        with self._lock:
+            queued = self.pending.get(snap.id)
+        if queued is not None and queued.layers is not None:
+            return queued.layers
         path = self.path(snap.id)
         try:
             layers, meta = load_prompt_cache(str(path), return_metadata=True)
@@ -146,7 +272,10 @@ class DiskTier:
             if held and held != {len(snap)}:
                 raise ValueError(f"cache holds {sorted(held)} positions, tokens say {len(snap)}")
             mx.eval([c.state for c in layers])
-        except Exception as e:  # any unreadable file is a miss, never a crash
+            fields = {k: meta.get(k, "") for k in _CHECKED}
+            if snapshot_checksum(snap.tokens, fields, layers) != meta.get("checksum"):
+                raise ValueError("checksum mismatch: the file was damaged after it was written")
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a miss, never a crash
             self._remove_bad(path, str(e))
             self._unindex(snap.id)
             return None
@@ -161,12 +290,23 @@ class DiskTier:
     # -- writes ---------------------------------------------------------------------------------
 
     def write(self, snap: Snapshot) -> None:
+        with self._lock:
+            self.pending[snap.id] = snap
         self._queue.put((time.monotonic(), snap))
 
-    def forget(self, snap: Snapshot) -> None:
-        self._forgotten.add(snap.id)
-        self._unindex(snap.id)
-        self.path(snap.id).unlink(missing_ok=True)
+    def forget(self, snap: Snapshot, replaced_by: Snapshot | None = None) -> None:
+        """Drop `snap`; with `replaced_by`, its file goes only when the replacement's is durable."""
+        with self._lock:
+            self._forgotten.add(snap.id)
+            self.index.pop(snap.id, None)
+            self.pending.pop(snap.id, None)
+            later = self._after_write.pop(snap.id, []) + [snap.id]
+            durable = replaced_by is None or (replaced_by.on_disk and replaced_by.id not in self.pending)
+            if not durable:
+                self._after_write.setdefault(replaced_by.id, []).extend(later)
+                return
+        for snap_id in later:
+            self.path(snap_id).unlink(missing_ok=True)
 
     def flush(self) -> None:
         """Wait until every queued snapshot is on disk (tests, shutdown)."""
@@ -195,36 +335,68 @@ class DiskTier:
                 except Exception:
                     log.exception("kv cache: could not write a snapshot")
                 finally:
+                    with self._lock:
+                        if item is not None and self.pending.get(item[1].id) is item[1]:
+                            del self.pending[item[1].id]
                     self._queue.task_done()
 
     def _write_one(self, snap: Snapshot) -> None:
-        meta = {
+        fields = {
             "format": FORMAT,
             "model": self.fingerprint,
             "conversation": snap.conversation,
             "protected": str(snap.protected),
             "trimmable": "1" if snap.trimmable else "0",
-            "tokens": base64.b64encode(snap.tokens.astype("<i4").tobytes()).decode(),
         }
+        meta = dict(fields, tokens=base64.b64encode(snap.tokens.astype("<i4").tobytes()).decode(),
+                    checksum=snapshot_checksum(snap.tokens, fields, snap.layers))
         tmp = self.dir / f".{snap.id}.tmp.safetensors"
         save_prompt_cache(str(tmp), snap.layers, meta)
         os.replace(tmp, self.path(snap.id))
-        if snap.id in self._forgotten:  # superseded while we wrote it
+        with self._lock:
+            superseded = snap.id in self._forgotten
+            if not superseded:
+                snap.on_disk = True
+                self.index[snap.id] = Snapshot(id=snap.id, tokens=snap.tokens, layers=None,
+                                               conversation=snap.conversation, protected=snap.protected,
+                                               trimmable=snap.trimmable, on_disk=True)
+                self.pending.pop(snap.id, None)
+            replaced = self._after_write.pop(snap.id, [])
+        try:
+            self.bytes_written += self.path(snap.id).stat().st_size
+        except OSError:
+            pass
+        if superseded:  # superseded while we wrote it (its replacement took over `replaced`)
             self.path(snap.id).unlink(missing_ok=True)
             return
-        snap.on_disk = True
-        with self._lock:
-            self.index[snap.id] = Snapshot(id=snap.id, tokens=snap.tokens, layers=None, conversation=snap.conversation,
-                                           protected=snap.protected, trimmable=snap.trimmable, on_disk=True)
+        for old in replaced:
+            self.path(old).unlink(missing_ok=True)
         self._enforce_budget()
 
     def _enforce_budget(self) -> None:
-        files = sorted((p for p in self.dir.glob("*.safetensors") if not p.name.startswith(".")),
-                       key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        for p in files:
+        files = self._files()
+        total = sum(st.st_size for _, st in files)
+        for p, st in files:
             if total <= self.budget:
                 break
-            total -= p.stat().st_size
+            total -= st.st_size
             self._unindex(p.stem)
             p.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (not its target) or a directory; a failure is logged, not raised."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning(f"kv cache: could not remove {path}: {e}")

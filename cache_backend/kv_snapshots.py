@@ -21,11 +21,14 @@ import itertools
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
+
+if TYPE_CHECKING:
+    from cache_backend.kv_disk import DiskTier
 
 Layers = list[Any]  # one mlx-lm cache object per model layer
 
@@ -157,7 +160,7 @@ class SnapshotStore:
     """In-memory snapshots under a byte budget. A disk tier, when given, backs every snapshot."""
 
     memory_budget: int
-    disk: Any = None  # cache_backend.kv_disk.DiskTier
+    disk: DiskTier | None = None
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
     evictions: int = 0
     superseded: int = 0
@@ -199,12 +202,14 @@ class SnapshotStore:
                 return None
             snap.layers = layers
             snap.nbytes = layers_nbytes(layers)
+        layers = snap.layers  # eviction below may let go of the snapshot's own reference
+        snap.last_used = next(self._clock)
+        if snap.id not in self.snapshots:  # from disk, or evicted while its file was still queued
             self.snapshots[snap.id] = snap
             self._evict()
-        snap.last_used = next(self._clock)
         if self.disk is not None:
             self.disk.touch(snap)
-        return thaw(snap.layers, hit.length)
+        return thaw(layers, hit.length)
 
     # -- storing --------------------------------------------------------------------------------
 
@@ -225,12 +230,10 @@ class SnapshotStore:
         snap = Snapshot(id=self._new_id(), tokens=toks, layers=layers, conversation=conversation,
                         protected=protected, trimmable=trimmable, nbytes=layers_nbytes(layers),
                         last_used=next(self._clock))
-        if trimmable:
-            for old in list(self.snapshots.values()):
-                if old.trimmable and len(old) < len(toks) and common_prefix_len(old.tokens, toks) == len(old):
-                    snap.protected = max(snap.protected, old.protected)
-                    self._drop(old)
-                    self.superseded += 1
+        covered = [old for old in self.snapshots.values() if trimmable and old.trimmable and len(old) < len(toks)
+                   and common_prefix_len(old.tokens, toks) == len(old)]
+        for old in covered:
+            snap.protected = max(snap.protected, old.protected)
         if snap.nbytes > self.memory_budget:
             if not (snap.protected and snap.trimmable):
                 return None
@@ -239,6 +242,11 @@ class SnapshotStore:
             snap.nbytes = layers_nbytes(snap.layers)
             if snap.nbytes > self.memory_budget:
                 return None
+        # Only what the kept snapshot still covers is superseded (a shrunk one covers less).
+        for old in covered:
+            if len(old) <= len(snap):
+                self._drop(old, replaced_by=snap)
+                self.superseded += 1
         self.snapshots[snap.id] = snap
         if self.disk is not None:
             self.disk.write(snap)
@@ -252,10 +260,10 @@ class SnapshotStore:
         # list(): the HTTP thread reads stats while the worker thread changes the dict
         return sum(s.nbytes for s in list(self.snapshots.values()))
 
-    def _drop(self, snap: Snapshot) -> None:
+    def _drop(self, snap: Snapshot, replaced_by: Snapshot) -> None:
         self.snapshots.pop(snap.id, None)
         if self.disk is not None:
-            self.disk.forget(snap)
+            self.disk.forget(snap, replaced_by=replaced_by)
 
     def _evict(self) -> None:
         while self.memory_bytes > self.memory_budget and self.snapshots:

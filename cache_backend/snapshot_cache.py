@@ -26,7 +26,7 @@ class SnapshotCache(PrefixCache):
                  model_dir: Path | None = None) -> None:
         disk = None
         if disk_dir is not None and disk_budget > 0 and model_dir is not None:
-            disk = DiskTier(disk_dir, model_fingerprint(model_dir), disk_budget)
+            disk = DiskTier(disk_dir, model_fingerprint(model_dir, disk_dir / "kv" / "weight-hashes.json"), disk_budget)
         self.store = SnapshotStore(memory_budget=memory_budget, disk=disk)
         self._prefix_end = 0
 
@@ -69,6 +69,10 @@ class SnapshotCache(PrefixCache):
             "memory_bytes": s.memory_bytes,
             "memory_budget_bytes": self.store.memory_budget,
             "disk_bytes": disk.disk_bytes if disk else 0,
+            # Snapshots evicted from memory or not yet written, held until their file is durable:
+            # RAM on top of memory_budget_bytes.
+            "disk_pending_bytes": disk.pending_bytes if disk else 0,
+            "disk_bytes_written": disk.bytes_written if disk else 0,
             "disk_budget_bytes": disk.budget if disk else 0,
             "evictions": s.evictions,
             "superseded": s.superseded,

@@ -336,23 +336,64 @@ def test_segments_survive_a_restart_without_tokenizing_again(tokenizer: Any, tmp
     assert max(map(len, encoded)) < 40, encoded  # only the generation prompt, not the ~11 KB of tools
 
 
-def test_token_log_skips_bad_lines_keeps_the_newest_and_compacts(tmp_path: Path) -> None:
+def test_token_log_keeps_the_newest_and_compacts(tmp_path: Path) -> None:
     from cache_backend.token_log import TokenLog
 
     path = tmp_path / "log.jsonl"
     log = TokenLog(path, limit=3)
-    log.append("a", [1, 2])
-    with path.open("a") as f:
-        f.write('{"key": "torn", "tokens": [1, 2\n')  # a write cut short
-        f.write('{"key": "b", "tokens": ["x"]}\n')  # wrong type
-        f.write("not json\n")
-    for k in "bcdea":
+    for k in "abcdea":
         log.append(k, [ord(k)])
-    assert TokenLog(path, limit=3).load() == [("d", [100]), ("e", [101]), ("a", [97])]
-    assert len(path.read_text().splitlines()) == 9  # 6 appended + 3 bad: not yet twice the limit
-    log.append("f", [102])  # the 7th line of its own: compacted to the newest 3
+    assert TokenLog(path, limit=3).load() == [("b", [98]), ("c", [99]), ("d", [100]), ("e", [101]), ("a", [97])][-3:]
+    assert len(path.read_text().splitlines()) == 6  # not yet twice the limit
+    log.append("f", [102])  # the 7th line: compacted to the newest 3
     assert path.read_text().count("\n") == 3
     assert TokenLog(path, limit=3).load() == [("e", [101]), ("a", [97]), ("f", [102])]
+
+
+@pytest.mark.parametrize("damage", ["torn json", "wrong type", "not json", "torn utf-8", "garbage bytes",
+                                    "token id changed", "old format without checksum"])
+def test_token_log_drops_damaged_lines_with_one_warning(tmp_path: Path, damage: str, caplog) -> None:
+    """Finding 3 and 4 of the hardening issue: a torn write that cuts a multi-byte character, or
+    garbage, used to stop the server from starting; a changed token id gave a different answer."""
+    from cache_backend.token_log import TokenLog
+
+    path = tmp_path / "outputs.jsonl"
+    log = TokenLog(path, limit=8)
+    log.append("héllo wörld", [5, 6, 7])
+    good = path.read_bytes()
+    bad = {
+        "torn json": b'{"key": "torn", "tokens": [1, 2\n',
+        "wrong type": b'{"key": "b", "tokens": ["x"], "crc": 1}\n',
+        "not json": b"not json\n",
+        "torn utf-8": good[: good.index("ö".encode()) + 1],  # cut inside the 2-byte character, no newline
+        "garbage bytes": bytes(range(256)) * 4,
+        "token id changed": good.replace(b"[5, 6, 7]", b"[5, 9, 7]"),
+        "old format without checksum": b'{"key": "x", "tokens": [1]}\n',
+    }[damage]
+    with path.open("ab") as f:
+        f.write(bad)
+    with caplog.at_level("WARNING", logger="cache_backend.token_log"):
+        loaded = TokenLog(path, limit=8).load()
+    assert loaded == [("héllo wörld", [5, 6, 7])]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "outputs.jsonl: dropped " in warnings[0].getMessage()
+    # The file was rewritten without the damage: a later append is never glued to a torn line.
+    log.append("next", [1])
+    caplog.clear()
+    assert TokenLog(path, limit=8).load() == [("héllo wörld", [5, 6, 7]), ("next", [1])]
+    assert not caplog.records
+
+
+def test_token_log_that_is_a_directory_is_removed_not_fatal(tmp_path: Path, caplog) -> None:
+    from cache_backend.token_log import TokenLog
+
+    path = tmp_path / "outputs.jsonl"
+    (path / "inner").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="cache_backend.token_log"):
+        assert TokenLog(path).load() == []
+    assert "outputs.jsonl: unusable" in caplog.text and not path.exists()
+    TokenLog(path).append("a", [1])
+    assert TokenLog(path).load() == [("a", [1])]
 
 
 # --- deferred tools (Claude Code 2.1.33x: defer_loading + ToolSearch's tool_reference) ----------
