@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import json
 import logging
 import time
 from typing import Any
@@ -49,7 +48,7 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.hooks import UpdateHook
 from mitmproxy.utils import emoji
 
-from ccwarm import payload, stability
+from ccwarm import jsonsafe, payload, stability
 
 METADATA_KEY = "ccwarm.stability"
 NORMALIZE_KEY = "ccwarm.normalize"
@@ -67,7 +66,7 @@ class ClaudeCodeRequestView(contentviews.Contentview):
     name = "Claude Code"
 
     def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
-        body = json.loads(data)
+        body = jsonsafe.loads(data)
         if not isinstance(body, dict):
             raise ValueError("not a JSON object")
         flow = metadata.flow
@@ -182,7 +181,7 @@ class Stability:
             return
         # Header.fields is the raw list: much cheaper than the multidict's items().
         headers = {k.decode("latin-1").lower(): v.decode("utf-8", "surrogateescape") for k, v in req.headers.fields}
-        for name in stability.SECRET_HEADERS & headers.keys():
+        for name in [n for n in headers if stability.is_secret_header(n)]:
             del headers[name]
         dropped = (flow.metadata.get(NORMALIZE_KEY) or {}).get("dropped") or []
         entry = _Pending(flow, _Job(flow.id, raw, headers, [dict(d) for d in dropped], time.perf_counter()))
@@ -255,9 +254,9 @@ class Stability:
     def _diff(self, job: _Job) -> tuple[dict[str, Any] | None, str | None]:
         """Worker thread: parse, compare, count. Returns (metadata, None) or (None, why not)."""
         try:
-            body = json.loads(job.raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            return None, f"body is not JSON ({e})"
+            body = jsonsafe.loads(job.raw)
+        except jsonsafe.JSONBodyError as e:
+            return None, str(e)
         if not isinstance(body, dict):
             return None, f"body is a JSON {type(body).__name__}, not an object"
         obs = self.tracker.observe(body, job.headers, label=job.flow_id, size=len(job.raw), dropped=job.dropped)

@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the default model and caches live (default: %(default)s)")
-    ap.add_argument("--max-output-tokens", type=int, default=None, help="server cap applied on top of each request's max_tokens")
+    ap.add_argument("--max-output-tokens", type=int, default=32000,
+                    help="cap on each request's max_tokens (default: %(default)s, what Claude Code asks for); 0: only the context limit caps it")
+    ap.add_argument("--max-body", default="32MB", help="largest request body accepted; larger ones get a 413 before they are read (default: %(default)s, the Anthropic API's limit)")
     ap.add_argument("--api-key", default=None, help="if set, require this key (x-api-key or Authorization: Bearer)")
     ap.add_argument("--max-context", type=int, default=None, help="prompt length limit in tokens (default: the model's max_position_embeddings)")
     ap.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before an SSE ping (default: %(default)s)")
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if script:
         log.warning("TEST ONLY: scripted replies from %s are active (%d entries)", args.test_forced_replies, len(script))
 
-    renderer = Renderer(tokenizer)
+    renderer = Renderer(tokenizer, context_limit=limit)
     memory = parse_size(args.cache_memory, what="--cache-memory")
     disk = parse_size(args.cache_disk, what="--cache-disk")
     prefix_cache: Any = NoCache()
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         model_name=name,
         model_aliases=tuple({model_ref, str(Path(model_ref).resolve()) if Path(model_ref).exists() else model_ref}),
         api_key=args.api_key,
-        max_output_tokens=args.max_output_tokens,
+        max_output_tokens=args.max_output_tokens or None,
+        max_body_bytes=parse_size(args.max_body, what="--max-body"),
         max_context=limit,
         ping_interval=args.ping_interval,
         structured_deadline_s=args.structured_deadline,

@@ -18,12 +18,21 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cache_backend import sse
 from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Progress, Started
-from cache_backend.errors import APIError, AuthenticationFailed, InvalidRequest, NotFound, error_body
+from cache_backend.errors import (
+    APIError,
+    AuthenticationFailed,
+    ClientClosed,
+    InvalidRequest,
+    NotFound,
+    RequestTooLarge,
+    error_body,
+)
 from cache_backend.metrics import ServerMetrics
 from cache_backend.output import new_id
 from cache_backend.progress import ProgressBlock
@@ -45,6 +54,7 @@ class ServerConfig:
     api_key: str | None = None
     max_output_tokens: int | None = None
     max_context: int | None = None
+    max_body_bytes: int = 32 * 2**20  # Anthropic's own limit for the Messages API
     ping_interval: float = 5.0
     structured_deadline_s: float = 60.0
     progress_after_s: float = 3.0  # a prefill longer than this streams a progress thinking block; < 0: never
@@ -88,6 +98,12 @@ def create_app(state: ServerState, on_shutdown: Callable[[], None] | None = None
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.error_type, exc.message)
         return _error(exc)
+
+    @app.exception_handler(ClientClosed)
+    async def _client_closed(request: Request, exc: ClientClosed) -> Response:
+        log.info("%s %s: the client closed the connection before sending its whole body", request.method,
+                 request.url.path)
+        return Response(status_code=400)  # nobody reads it
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -163,9 +179,27 @@ def create_app(state: ServerState, on_shutdown: Callable[[], None] | None = None
         check_model(model_id)
         return model_obj(model_id)
 
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it passes max_body_bytes (before reading it all)."""
+        limit = cfg.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = f"request body is larger than the server's limit of {limit} bytes (--max-body)"
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"{too_large}: content-length is {declared}")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestTooLarge(too_large)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientClosed() from None
+        return b"".join(chunks)
+
     async def parse(request: Request, *, count_tokens: bool) -> tuple[dict[str, Any], MessagesRequest, RenderedPrompt]:
         check_auth(request)
-        body = parse_json_body(await request.body())
+        body = parse_json_body(await read_body(request))
         req = parse_messages_request(body, count_tokens=count_tokens)
         check_model(req.model)
         loop = asyncio.get_running_loop()

@@ -34,6 +34,15 @@ class NotFound(APIError):
     error_type = "not_found_error"
 
 
+class RequestTooLarge(APIError):
+    status = 413
+    error_type = "request_too_large"
+
+
+class ClientClosed(Exception):
+    """The client went away before its request body arrived: nobody to answer."""
+
+
 def error_body(error_type: str, message: str) -> dict[str, Any]:
     """The JSON body Anthropic's API uses for errors (HTTP bodies and SSE `error` events alike)."""
     return {"type": "error", "error": {"type": error_type, "message": message}}

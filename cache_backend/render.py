@@ -162,11 +162,32 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True)
 
 
+def _max_token_chars(tokenizer: Any) -> int:
+    """The most text characters one token can stand for, from the vocabulary's own strings.
+
+    Vocabulary strings are never shorter, in characters, than the text they encode: byte-level
+    BPE spells each byte as one character (and a character is at least one byte), SentencePiece
+    spells a space as one "\u2581", byte fallback spells one byte as "<0x0A>". Unknown tokenizers
+    get a generous constant.
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+        return max(16, max(len(str(t)) for t in vocab))
+    except Exception:  # noqa: BLE001 - any tokenizer without a readable vocabulary
+        return 1024
+
+
 class Renderer:
     """Request -> RenderedPrompt for one tokenizer. Thread-safe only if used from one thread."""
 
-    def __init__(self, tokenizer: Any, *, memo_size: int = 8192, outputs_size: int = 4096) -> None:
+    def __init__(self, tokenizer: Any, *, memo_size: int = 8192, outputs_size: int = 4096,
+                 context_limit: int | None = None) -> None:
         self.tok = tokenizer
+        # A prompt longer than context_limit tokens is refused before it is tokenized: no token
+        # covers more than max_token_chars characters, so a longer text cannot fit. Tokenizing
+        # a 40 MB body took 240 s on the single render thread, blocking every other request.
+        self.context_limit = context_limit
+        self.max_token_chars = _max_token_chars(tokenizer)
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._memo_size = memo_size
         # Told of every newly tokenized segment (key, tokens): e.g. TokenLog.append, so that
@@ -381,6 +402,12 @@ class Renderer:
         except Exception as e:  # a template that raises on this conversation
             raise InvalidRequest(f"messages: the chat template could not render this conversation: {e}") from None
 
+    def _check_length(self, chars: int) -> None:
+        if self.context_limit and chars > self.context_limit * self.max_token_chars:
+            fewest = -(-chars // self.max_token_chars)
+            raise InvalidRequest(f"prompt is too long: {chars} characters are at least {fewest} tokens "
+                                 f"> {self.context_limit} maximum")
+
     def _preamble(self, msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None, key: str) -> str:
         """What the template emits before any message (a tools-only system block), when separable."""
         if not tools:
@@ -409,6 +436,7 @@ class Renderer:
             known += 1
 
         full = self._apply(msgs, tools, gen=True)
+        self._check_length(len(full) + len(chat.prefill or ""))
         preamble = self._preamble(msgs, tools, tools_key) if n else ""
         if preamble and msgs[0]["role"] == "system":
             preamble = ""

@@ -7,11 +7,12 @@ deliberately lenient (unknown top-level keys are ignored: Claude Code adds new o
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cache_backend.errors import InvalidRequest
+from ccwarm import jsonsafe
 
 Role = Literal["user", "assistant", "system"]
 
@@ -148,16 +149,53 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+        body = jsonsafe.loads(raw)
+    except jsonsafe.JSONBodyError as e:
+        raise InvalidRequest(str(e)) from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {_type_name(body)}")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then walk the body to name the field
+        where = _lone_surrogate_path(body)
+        if where is not None:
+            raise _fail(where, "contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not text")
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate_path(value: Any) -> str | None:
+    """Path of the first string (value or key) holding a lone surrogate, walked without recursion."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "request body"
+        elif isinstance(item, dict):
+            for k, v in reversed(item.items()):
+                child = f"{path}.{k}" if path else str(k)
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"{path or 'request body'}: a key"
+                stack.append((v, child))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(item))))
+    return None
 
 
 def _text_block(obj: dict[str, Any], path: str) -> TextBlock:
     return TextBlock(text=_expect(_required(obj, "text", path), str, f"{path}.text"))
+
+
+def _image_block(obj: dict[str, Any], path: str, kind: str) -> ImageBlock:
+    # The server renders a placeholder, so only the shape is checked: new source types pass.
+    source = _expect(_required(obj, "source", path), dict, f"{path}.source")
+    _expect(_required(source, "type", f"{path}.source"), str, f"{path}.source.type")
+    return ImageBlock(kind=kind)
 
 
 def _tool_reference(obj: dict[str, Any], path: str) -> ToolReference:
@@ -178,7 +216,7 @@ def _tool_result_content(value: Any, path: str) -> tuple[ResultPart, ...]:
         if typ == "text":
             out.append(_text_block(item, p))
         elif typ in ("image", "document"):
-            out.append(ImageBlock(kind=typ))
+            out.append(_image_block(item, p, typ))
         elif typ == "tool_reference":
             out.append(_tool_reference(item, p))
         else:
@@ -195,7 +233,7 @@ def _block(obj: Any, path: str, role: str) -> Block:
     if typ == "text":
         return _text_block(obj, path)
     if typ in ("image", "document"):
-        return ImageBlock(kind=typ)
+        return _image_block(obj, path, typ)
     if typ in ("thinking", "redacted_thinking"):
         return ThinkingBlock()
     if typ == "tool_reference":
@@ -300,6 +338,30 @@ def _check_tool_references(messages: tuple[Message, ...], tools: tuple[Tool, ...
                     raise _fail(f"{where}.tool_name", f"no tool named {ref.tool_name!r} in tools")
 
 
+def _check_tool_pairs(messages: tuple[Message, ...]) -> None:
+    """As the Anthropic API requires: each tool_result answers a tool_use of the assistant message
+    just before it, and each tool_use (except in a final assistant message) is answered in the
+    user message just after it. A broken pair would render a conversation the model never saw."""
+    for i, msg in enumerate(messages):
+        if msg.role != "user":
+            continue
+        prev = messages[i - 1] if i > 0 else None
+        asked = {b.id for b in prev.content if isinstance(b, ToolUseBlock)} if prev and prev.role == "assistant" else set()
+        for j, block in enumerate(msg.content):
+            if isinstance(block, ToolResultBlock) and block.tool_use_id not in asked:
+                raise _fail(f"messages[{i}].content[{j}].tool_use_id",
+                            f"no tool_use with id {block.tool_use_id!r} in the previous assistant message")
+    for i, msg in enumerate(messages[:-1]):
+        if msg.role != "assistant":
+            continue
+        nxt = messages[i + 1]
+        answered = {b.tool_use_id for b in nxt.content if isinstance(b, ToolResultBlock)} if nxt.role == "user" else set()
+        for j, block in enumerate(msg.content):
+            if isinstance(block, ToolUseBlock) and block.id not in answered:
+                raise _fail(f"messages[{i}].content[{j}].id",
+                            f"tool_use {block.id!r} has no tool_result in the next user message")
+
+
 def _tool_choice(value: Any, tools: tuple[Tool, ...]) -> ToolChoice:
     if value is None:
         return ToolChoice()
@@ -357,18 +419,19 @@ def parse_messages_request(body: dict[str, Any], *, count_tokens: bool = False) 
         raise _fail("messages", "at least one message is required")
     messages = tuple(_message(m, f"messages[{i}]") for i, m in enumerate(msgs))
     max_tokens = body.get("max_tokens")
-    if count_tokens:
-        if max_tokens is not None:
-            _expect(max_tokens, int, "max_tokens")
-    else:
-        _expect(_required(body, "max_tokens", ""), int, "max_tokens")
+    if not count_tokens:
+        _required(body, "max_tokens", "")
+    if max_tokens is not None:
+        _expect(max_tokens, int, "max_tokens")
         if max_tokens < 1:
             raise _fail("max_tokens", f"must be at least 1, got {max_tokens}")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     _expect(stream, bool, "stream")
-    stops = body.get("stop_sequences") or []
+    stops = body.get("stop_sequences")
+    if stops is None:
+        stops = []
     _expect(stops, list, "stop_sequences")
     for i, s in enumerate(stops):
         _expect(s, str, f"stop_sequences[{i}]")
@@ -381,6 +444,7 @@ def parse_messages_request(body: dict[str, Any], *, count_tokens: bool = False) 
             raise _fail("top_k", f"must be non-negative, got {top_k}")
     tools = _tools(body.get("tools"))
     _check_tool_references(messages, tools)
+    _check_tool_pairs(messages)
     return MessagesRequest(
         model=model,
         messages=messages,

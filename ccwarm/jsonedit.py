@@ -35,6 +35,10 @@ def _value_end(text: str, pos: int) -> int:
         _, end = _DECODER.raw_decode(text, pos)
     except json.JSONDecodeError as e:
         raise JSONEditError(f"invalid JSON value at offset {pos}: {e.msg}") from None
+    except RecursionError:
+        raise JSONEditError(f"JSON value at offset {pos} nests too deeply to decode") from None
+    except ValueError as e:  # e.g. an integer over 4,300 digits
+        raise JSONEditError(f"JSON value at offset {pos}: {e}") from None
     return end
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ccwarm import jsonedit
+from ccwarm import jsonedit, jsonsafe
 
 BILLING_HEADER_NAME = "x-anthropic-billing-header"
 MESSAGES_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
@@ -307,11 +307,11 @@ def strip_volatile(raw: bytes, patterns: Iterable[re.Pattern[str]] = ()) -> Stri
         raise PayloadError(f"body is not UTF-8 (byte {e.start})") from None
     try:
         members = jsonedit.top_level_members(text)
-    except jsonedit.JSONEditError as e:
+    except jsonedit.JSONEditError:
         try:
-            value = json.loads(text)
-        except ValueError as decode_error:
-            raise PayloadError(f"body is not JSON: {decode_error}") from None
+            value = jsonsafe.loads(text, "body")
+        except jsonsafe.JSONBodyError as decode_error:
+            raise PayloadError(str(decode_error)) from None
         raise PayloadError(f"body is a JSON {type(value).__name__}, not an object") from None
     span = members.get("system")
     if span is None:

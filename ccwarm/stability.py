@@ -736,7 +736,13 @@ def compare(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> RequestDiff:
 # --- secrets ----------------------------------------------------------------------------------
 
 SECRET_HEADERS = frozenset({"x-api-key", "authorization", "proxy-authorization", "cookie", "set-cookie", "anthropic-api-key"})
+# Any other header whose name says it carries a credential (x-goog-api-key, api-key, x-auth-token...).
+_SECRET_HEADER_NAME = re.compile(r"key|token|secret|auth|cookie|passw(or)?d|credential", re.IGNORECASE)
 REDACTED = "[REDACTED]"
+
+
+def is_secret_header(name: str) -> bool:
+    return name.lower() in SECRET_HEADERS or bool(_SECRET_HEADER_NAME.search(name))
 _SECRET_PATTERNS = re.compile(r"sk-ant-[A-Za-z0-9_\-]{4,}|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}")
 
 
@@ -751,7 +757,7 @@ class Redactor:
         out: dict[str, str] = {}
         for k, v in items:
             name = k.lower()
-            if name in SECRET_HEADERS:
+            if is_secret_header(name):
                 pieces = [v.strip()]
                 if name.endswith("authorization"):
                     pieces.append(v.strip().split(None, 1)[-1])  # the credential without its scheme

@@ -119,3 +119,23 @@ def test_install_routes_a_real_model_both_ways(tiny_model_dir) -> None:
     assert (with_numpy.argmax(-1) == with_mlx.argmax(-1)).all()
     with pytest.raises(ValueError, match="--attention must be one of auto, numpy, mlx, not 'fast'"):
         cpu_attention.install(model, "fast")
+
+
+def test_auto_leaves_one_layer_models_to_mlx(tiny_model_dir, tmp_path) -> None:
+    """MLX never computes a lone layer's attention in a prefill (only its KV cache is kept)."""
+    import sys
+
+    from mlx_lm import load
+
+    from cache_backend.tiny_model import make_tiny_model
+
+    two, _ = load(str(tiny_model_dir))
+    one, _ = load(str(make_tiny_model(tmp_path / "one-layer", seed=0, num_layers=1)))
+    module = sys.modules[type(two).__module__]
+    try:
+        expected = "numpy" if mx.default_device() == mx.cpu else "mlx"
+        assert cpu_attention.install(two, "auto").split()[0] == expected
+        assert cpu_attention.install(one, "auto") == "mlx"
+        assert module.scaled_dot_product_attention is cpu_attention._mlx_attention
+    finally:
+        cpu_attention.install(two, "mlx")

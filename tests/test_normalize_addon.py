@@ -97,7 +97,10 @@ def test_first_party_is_left_alone_unless_asked(addon) -> None:
 
 
 @pytest.mark.parametrize("content,method,path,headers,log", [
-    (b"not json", b"POST", b"/v1/messages", (), "body is not JSON"),
+    (b"not json", b"POST", b"/v1/messages", (), "body is not valid JSON"),
+    (b'{"model": "x", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"POST", b"/v1/messages", (),
+     "too deeply to decode"),
+    (b'{"max_tokens": ' + b"9" * 5000 + b', "system": []}', b"POST", b"/v1/messages", (), "4300 digits"),
     (b"[1,2]", b"POST", b"/v1/messages", (), "not an object"),
     (b'{"system": 42}', b"POST", b"/v1/messages", (), "'system' is neither"),
     (b"", b"POST", b"/v1/messages", (), "empty body"),

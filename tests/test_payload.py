@@ -91,10 +91,10 @@ def test_unchanged_bodies_come_back_as_the_same_object() -> None:
 @pytest.mark.parametrize("raw,message", [
     (b"", "empty body"),
     (b"   ", "empty body"),
-    (b"not json", "not JSON"),
+    (b"not json", "not valid JSON"),
     (b"[1, 2]", "JSON list, not an object"),
     (b'"str"', "JSON str, not an object"),
-    (b'{"a": 1} trailing', "not JSON"),
+    (b'{"a": 1} trailing', "not valid JSON"),
     (b'{"system": 5}', "'system' is neither"),
     (b'{"system": {"text": "x"}}', "'system' is neither"),
     (b"\xff\xfe{}", "not UTF-8"),

@@ -41,7 +41,8 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("server")
     script = d / "script.json"
     script.write_text(json.dumps(SCRIPT))
-    srv = ServerProcess(tiny_model, d / "server.log", "--test-forced-replies", str(script), "--ping-interval", "2")
+    srv = ServerProcess(tiny_model, d / "server.log", "--test-forced-replies", str(script), "--ping-interval", "2",
+                        "--max-body", "2MB")
     yield srv
     srv.stop()
 
@@ -227,6 +228,28 @@ def test_structured_output(client: anthropic.Anthropic, server: ServerProcess) -
     (json.dumps({"model": "claude-x", "max_tokens": 5, "tools": [{"name": "t"}], "messages": user("x")}),
      "tools[0].input_schema: field required"),
     (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": user("word " * 5000)}), "prompt is too long"),
+    # Findings 5, 6 and 8 of the hardening issue: each was a 500 or a 200 before.
+    (b'{"model": "claude-x", "max_tokens": 5, "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "too deeply to decode"),
+    ('{"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "metadata": {"a": '
+     + "[" * 130 + "]" * 130 + "}}", "more than 128 levels"),
+    (b'{"model": "claude-x", "max_tokens": ' + b"9" * 5000 + b', "messages": []}', "4300 digits"),
+    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": user("x" * 400_000)}),
+     "characters are at least"),  # refused from its length, before tokenizing
+    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "42"}]}]}),
+     "messages[0].content[0].tool_use_id: no tool_use with id 'toolu_1'"),
+    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {}}]},
+        {"role": "user", "content": "never mind"}]}),
+     "messages[1].content[0].id: tool_use 'toolu_2' has no tool_result"),
+    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [{"type": "image", "source": 5}]}]}), "messages[0].content[0].source: expected an object"),
+    (json.dumps({"model": "claude-x", "max_tokens": 5, "stop_sequences": 0, "messages": user("x")}),
+     "stop_sequences: expected an array, got an integer"),
+    ('{"model": "claude-x", "max_tokens": 5, "system": [{"type": "text", "text": "a\\ud800b"}], "messages": '
+     '[{"role": "user", "content": "x"}]}', "system[0].text: contains a lone UTF-16 surrogate"),
 ])
 def test_invalid_requests(server: ServerProcess, body: bytes | str, fragment: str) -> None:
     r = httpx.post(server.url + "/v1/messages", content=body, headers={"content-type": "application/json"}, timeout=60)
@@ -234,6 +257,43 @@ def test_invalid_requests(server: ServerProcess, body: bytes | str, fragment: st
     err = r.json()
     assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
     assert fragment in err["error"]["message"]
+
+
+def test_oversized_body_is_a_413_before_it_is_read(server: ServerProcess) -> None:
+    big = json.dumps({"model": "claude-x", "max_tokens": 5, "messages": user("x" * (3 * 2**20))})
+    r = httpx.post(server.url + "/v1/messages", content=big, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"] == {"type": "request_too_large", "message": r.json()["error"]["message"]}
+    assert "larger than the server's limit of 2000000 bytes (--max-body)" in r.json()["error"]["message"]
+
+    def chunks():  # no content-length: the limit is enforced while reading
+        for _ in range(40):
+            yield b"x" * 100_000
+
+    r = httpx.post(server.url + "/v1/messages/count_tokens", content=chunks(), timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+    r = httpx.post(server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 2, "messages": user("hi")}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_client_that_leaves_before_its_body_costs_one_log_line(server: ServerProcess) -> None:
+    import socket
+
+    before = server.log_path.read_text(errors="replace")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5000\r\n\r\n{\"model\": ")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        new = server.log_path.read_text(errors="replace")[len(before):]
+        if "before sending its whole body" in new:
+            break
+        time.sleep(0.1)
+    assert "before sending its whole body" in new
+    time.sleep(0.5)
+    new = server.log_path.read_text(errors="replace")[len(before):]
+    assert "Traceback" not in new and "500" not in new
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 
 def test_sdk_sees_bad_request(client: anthropic.Anthropic) -> None:

@@ -192,7 +192,9 @@ CONVERSATION: list[dict[str, Any]] = [
     {"role": "system", "content": "Mid-conversation note."},
     {"role": "user", "content": "Now summarize."},
     {"role": "assistant", "content": "It says hello."},
-    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "boom"}, {"type": "text", "text": "ok?"}]},
+    {"role": "user", "content": [{"type": "text", "text": "ok?"}]},
+    {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {"path": "b.txt"}}]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True, "content": "boom"}]},
 ]
 
 

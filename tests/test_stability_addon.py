@@ -126,11 +126,14 @@ def test_count_tokens_and_foreign_requests_are_ignored(stack) -> None:
 
 
 @pytest.mark.parametrize("content,headers,why", [
-    (b"not json", (), "not JSON"),
+    (b"not json", (), "not valid JSON"),
     (b"[1,2]", (), "not an object"),
     (b"", (), "no body"),
     (gzip.compress(b'{"messages": []}'), ((b"content-encoding", b"gzip"),), "content-encoding 'gzip'"),
-    (b"\xff\xfe{", (), "not JSON"),
+    (b"\xff\xfe{", (), "not UTF-8"),
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", (), "too deeply"),
+    (b'{"messages": ' + b"[" * 200 + b"]" * 200 + b"}", (), "more than 128 levels"),
+    (b'{"max_tokens": ' + b"9" * 5000 + b"}", (), "4300 digits"),
 ])
 def test_bad_input_is_ignored_with_a_debug_log(stack, caplog, content, headers, why) -> None:
     n, s, _, _ = stack
