@@ -361,6 +361,15 @@ def test_compare_never_raises_on_odd_bodies(a, b) -> None:
     json.dumps(tracker.summary()) and tracker.markdown()
 
 
+def test_redactor_knows_credential_headers_by_name() -> None:
+    red = stability.Redactor()
+    headers = red.headers({"x-goog-api-key": "AIzaSyExample123", "api-key": "azure0123456789", "X-Auth-Token": "tkn-999888",
+                           "x-session-secret": "hush-hush-1", "x-db-password": "pw-12345", "x-request-id": "req-1"})
+    assert headers == {"x-goog-api-key": "[REDACTED]", "api-key": "[REDACTED]", "X-Auth-Token": "[REDACTED]",
+                       "x-session-secret": "[REDACTED]", "x-db-password": "[REDACTED]", "x-request-id": "req-1"}
+    assert "AIzaSyExample123" not in red.text("the key AIzaSyExample123 leaked")
+
+
 def test_redactor_keeps_ordinary_words() -> None:
     red = stability.Redactor()
     red.headers({"authorization": "Bearer tok_abcdef123", "cookie": "theme=darkmode; sid=s3cr3tvalue"})
