@@ -21,7 +21,10 @@ run: $(STAMP)
 	@$(PY) scripts/run_stack.py --proxy-port $(PROXY_PORT) --server-port $(SERVER_PORT) \
 		$(if $(UPSTREAM),--upstream $(UPSTREAM)) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
+# ruff first: a lint or format slip fails the suite before any test runs.
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -48,7 +48,8 @@ class Normalize:
             "normalize_keep_sse_body",
             bool,
             True,
-            "Keep streamed SSE response bodies on the flow (sets store_streamed_bodies) so later addons and mitmweb see them.",
+            "Keep streamed SSE response bodies on the flow (sets store_streamed_bodies) so later addons and mitmweb "
+            "see them.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -61,7 +62,11 @@ class Normalize:
                     raise exceptions.OptionsError(f"Invalid normalize_drop pattern {spec!r}: {e}") from e
             self.patterns = patterns
         # store_streamed_bodies belongs to mitmproxy's proxyserver addon, absent in bare test masters.
-        if "normalize_keep_sse_body" in updated and ctx.options.normalize_keep_sse_body and "store_streamed_bodies" in ctx.options:
+        if (
+            "normalize_keep_sse_body" in updated
+            and ctx.options.normalize_keep_sse_body
+            and "store_streamed_bodies" in ctx.options
+        ):
             ctx.options.update(store_streamed_bodies=True)
 
     def request(self, flow: http.HTTPFlow) -> None:

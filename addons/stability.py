@@ -74,12 +74,18 @@ class ClaudeCodeRequestView(contentviews.Contentview):
         dropped = (flow_meta.get(NORMALIZE_KEY) or {}).get("dropped") or []
         msg = metadata.http_message
         headers = dict(msg.headers.items()) if msg is not None else None
-        return stability.describe_request(body, headers=headers, size=len(data), dropped=dropped,
-                                          result=flow_meta.get(METADATA_KEY))
+        return stability.describe_request(
+            body, headers=headers, size=len(data), dropped=dropped, result=flow_meta.get(METADATA_KEY)
+        )
 
     def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
         msg = metadata.http_message
-        if isinstance(msg, http.Request) and msg.method == "POST" and payload.is_messages_path(msg.path) and data.lstrip()[:1] == b"{":
+        if (
+            isinstance(msg, http.Request)
+            and msg.method == "POST"
+            and payload.is_messages_path(msg.path)
+            and data.lstrip()[:1] == b"{"
+        ):
             return 2  # above the JSON view (1) for Claude Code requests
         return -1
 
@@ -90,7 +96,9 @@ class _Job:
 
     __slots__ = ("flow_id", "raw", "headers", "dropped", "started")
 
-    def __init__(self, flow_id: str, raw: bytes, headers: dict[str, str], dropped: list[dict[str, Any]], started: float) -> None:
+    def __init__(
+        self, flow_id: str, raw: bytes, headers: dict[str, str], dropped: list[dict[str, Any]], started: float
+    ) -> None:
         self.flow_id, self.raw, self.headers, self.dropped, self.started = flow_id, raw, headers, dropped, started
 
 
@@ -112,7 +120,8 @@ class Stability:
             "stability_mark",
             str,
             ":warning:",
-            "Marker set on flows whose request broke the prompt prefix (an emoji shortcode such as :warning:; empty: do not mark).",
+            "Marker set on flows whose request broke the prompt prefix (an emoji shortcode such as :warning:; empty: "
+            "do not mark).",
         )
         loader.add_option(
             "stability_delay_ms",
@@ -135,14 +144,18 @@ class Stability:
             then follow a moment later (mitmweb shows them as they arrive).
             """,
         )
-        loader.add_option("stability_report", str, "", "On shutdown, write the stability summary to this path (.json and .md).")
+        loader.add_option(
+            "stability_report", str, "", "On shutdown, write the stability summary to this path (.json and .md)."
+        )
         contentviews.add(self.view)
 
     def configure(self, updated: set[str]) -> None:
         if "stability_mark" in updated:
             mark = ctx.options.stability_mark
             if mark and mark not in emoji.emoji:
-                raise exceptions.OptionsError(f"Invalid stability_mark {mark!r}: use an emoji shortcode such as :warning:, or an empty string")
+                raise exceptions.OptionsError(
+                    f"Invalid stability_mark {mark!r}: use an emoji shortcode such as :warning:, or an empty string"
+                )
         for name in ("stability_delay_ms", "stability_wait_ms"):
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be 0 or more")
@@ -234,7 +247,11 @@ class Stability:
                 e.timer.cancel()
             # Diff the body as it left: by now the request went upstream, after every addon's hook.
             final = e.flow.request.raw_content
-            if final and final is not e.job.raw and e.flow.request.headers.get("content-encoding", "identity").strip().lower() in ("", "identity"):
+            if (
+                final
+                and final is not e.job.raw
+                and e.flow.request.headers.get("content-encoding", "identity").strip().lower() in ("", "identity")
+            ):
                 e.job.raw = final
             try:
                 self._executor.submit(self._run, e)
@@ -298,7 +315,9 @@ class Stability:
             return
         if flow.request.raw_content is not entry.job.raw:
             result["body_changed_after_diff"] = True
-            logging.debug("stability: an addon after stability changed the body; the diff shows the body as stability saw it")
+            logging.debug(
+                "stability: an addon after stability changed the body; the diff shows the body as stability saw it"
+            )
         flow.metadata[METADATA_KEY] = result
         breaks = result["prefix_breaks"]
         if breaks:
@@ -310,8 +329,10 @@ class Stability:
             if note not in (flow.comment or ""):
                 flow.comment = f"{flow.comment}; {note}" if flow.comment else note
             for b in breaks:
-                logging.warning(f"stability: {result['conversation']} request {result['index']}: prefix break at {b['path']} "
-                                f"@{b['offset']} ({b['prefix_chars']} chars unchanged before it): {b['reason']}")
+                logging.warning(
+                    f"stability: {result['conversation']} request {result['index']}: prefix break at {b['path']} "
+                    f"@{b['offset']} ({b['prefix_chars']} chars unchanged before it): {b['reason']}"
+                )
         try:
             ctx.master.addons.trigger(UpdateHook([flow]))
         except Exception:  # no master (bare use) or a view that is gone
@@ -340,7 +361,9 @@ class Stability:
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(entry.future)), wait)
             except TimeoutError:
-                logging.debug(f"stability: diff of {flow.request.path} not finished after {wait:.3f}s; flags follow later")
+                logging.debug(
+                    f"stability: diff of {flow.request.path} not finished after {wait:.3f}s; flags follow later"
+                )
                 return
             except Exception:
                 pass

@@ -21,33 +21,109 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("CCWARM_CACHE_DIR", "~/.cache/ccwarm")).
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ccwarm-server", description="Anthropic Messages API server on mlx-lm.")
-    ap.add_argument("--model", help="mlx-lm model directory or Hugging Face repo id (default: SmolLM2-135M-Instruct, converted on first use)")
+    ap.add_argument(
+        "--model",
+        help="mlx-lm model directory or Hugging Face repo id (default: SmolLM2-135M-Instruct, converted on first use)",
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
-    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the default model and caches live (default: %(default)s)")
-    ap.add_argument("--max-output-tokens", type=int, default=32000,
-                    help="cap on each request's max_tokens (default: %(default)s, what Claude Code asks for); 0: only the context limit caps it")
-    ap.add_argument("--max-body", default="32MB", help="largest request body accepted; larger ones get a 413 before they are read (default: %(default)s, the Anthropic API's limit)")
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE_DIR,
+        help="where the default model and caches live (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--max-output-tokens",
+        type=int,
+        default=32000,
+        help="cap on each request's max_tokens (default: %(default)s, what Claude Code asks for); 0: only the "
+        "context limit caps it",
+    )
+    ap.add_argument(
+        "--max-body",
+        default="32MB",
+        help="largest request body accepted; larger ones get a 413 before they are read (default: %(default)s, the "
+        "Anthropic API's limit)",
+    )
     ap.add_argument("--api-key", default=None, help="if set, require this key (x-api-key or Authorization: Bearer)")
-    ap.add_argument("--max-context", type=int, default=None, help="prompt length limit in tokens (default: the model's max_position_embeddings)")
-    ap.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before an SSE ping (default: %(default)s)")
-    ap.add_argument("--prefill-chunk", type=int, default=512, help="most tokens per prefill step (steps are sized to take about --chunk-seconds)")
-    ap.add_argument("--chunk-seconds", type=float, default=1.0, help="target duration of one prefill step: a dropped client frees the worker within about this long (default: %(default)s)")
-    ap.add_argument("--checkpoint-seconds", type=float, default=30.0, help="during a long prefill, keep what is done every this many seconds, so a crash loses at most that (default: %(default)s)")
-    ap.add_argument("--progress-after", type=float, default=3.0, metavar="SECONDS",
-                    help="a prefill longer than this streams its progress as a thinking block, which also keeps "
-                         "Claude Code's stream watchdog from dropping it (default: %(default)s; -1: never)")
-    ap.add_argument("--structured-deadline", type=float, default=60.0, help="seconds allowed for a json_schema (structured output) request")
-    ap.add_argument("--cache-memory", default="20%", help="RAM for prefix KV snapshots: bytes (e.g. 8GB) or a percent of RAM (default: %(default)s); 0 disables the cache")
-    ap.add_argument("--cache-disk", default="20GB", help="disk for persisted snapshots under --cache-dir (default: %(default)s); 0 keeps them in memory only")
-    ap.add_argument("--attention", choices=("auto", "numpy", "mlx"), default="auto",
-                    help="auto: on the CPU compute float32 attention with NumPy (MLX's CPU softmax is ~9x slower); mlx: always mlx-lm's")
+    ap.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="prompt length limit in tokens (default: the model's max_position_embeddings)",
+    )
+    ap.add_argument(
+        "--ping-interval", type=float, default=5.0, help="seconds of silence before an SSE ping (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="most tokens per prefill step (steps are sized to take about --chunk-seconds)",
+    )
+    ap.add_argument(
+        "--chunk-seconds",
+        type=float,
+        default=1.0,
+        help="target duration of one prefill step: a dropped client frees the worker within about this long "
+        "(default: %(default)s)",
+    )
+    ap.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=30.0,
+        help="during a long prefill, keep what is done every this many seconds, so a crash loses at most that "
+        "(default: %(default)s)",
+    )
+    ap.add_argument(
+        "--progress-after",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="a prefill longer than this streams its progress as a thinking block, which also keeps "
+        "Claude Code's stream watchdog from dropping it (default: %(default)s; -1: never)",
+    )
+    ap.add_argument(
+        "--structured-deadline",
+        type=float,
+        default=60.0,
+        help="seconds allowed for a json_schema (structured output) request",
+    )
+    ap.add_argument(
+        "--cache-memory",
+        default="20%",
+        help="RAM for prefix KV snapshots: bytes (e.g. 8GB) or a percent of RAM (default: %(default)s); 0 disables "
+        "the cache",
+    )
+    ap.add_argument(
+        "--cache-disk",
+        default="20GB",
+        help="disk for persisted snapshots under --cache-dir (default: %(default)s); 0 keeps them in memory only",
+    )
+    ap.add_argument(
+        "--attention",
+        choices=("auto", "numpy", "mlx"),
+        default="auto",
+        help="auto: on the CPU compute float32 attention with NumPy (MLX's CPU softmax is ~9x slower); mlx: always "
+        "mlx-lm's",
+    )
     ap.add_argument("--log-level", default="INFO")
     test = ap.add_argument_group("test-only options (never use in production)")
-    test.add_argument("--test-forced-replies", type=Path, default=None, metavar="FILE",
-                      help="TEST ONLY: JSON list of {when, reply} entries decoded by forcing tokens (see cache_backend/scripted.py)")
-    test.add_argument("--test-slow-prefill", type=float, default=0.0, metavar="SECONDS",
-                      help="TEST ONLY: make every forward pass sleep this long per input token, to simulate a slow model")
+    test.add_argument(
+        "--test-forced-replies",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TEST ONLY: JSON list of {when, reply} entries decoded by forcing tokens (see cache_backend/scripted.py)",
+    )
+    test.add_argument(
+        "--test-slow-prefill",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="TEST ONLY: make every forward pass sleep this long per input token, to simulate a slow model",
+    )
     return ap
 
 
@@ -60,8 +136,18 @@ def _context_limit(config: dict[str, Any]) -> int | None:
     return None
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str, *, what: str) -> int:
@@ -72,7 +158,7 @@ def parse_size(text: str, *, what: str) -> int:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             return int(ram * float(t[:-1]) / 100)
         num = t.rstrip("KMGTIB")
-        return int(float(num) * _UNITS[t[len(num):]])
+        return int(float(num) * _UNITS[t[len(num) :]])
     except (ValueError, KeyError):
         raise SystemExit(f"{what}: cannot read {text!r} as a size (examples: 8GB, 512MiB, 25%)") from None
 
@@ -100,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         from cache_backend.fast_blas import reexec_with_fast_blas
 
         reexec_with_fast_blas()
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     from cache_backend.fast_blas import blas_in_use, matmul_gflops
 
     log.info("BLAS: %s; float32 matmul %.0f GFLOP/s", blas_in_use(), matmul_gflops())
@@ -133,10 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         log.warning(
             "context limit raised to %d tokens, beyond the %d this model was trained on: answers to longer "
             "prompts will be poor. For real work pass --model with a long-context model "
-            "(e.g. an mlx-community Qwen2.5-Coder build).", limit, trained)
+            "(e.g. an mlx-community Qwen2.5-Coder build).",
+            limit,
+            trained,
+        )
     script = load_script(args.test_forced_replies) if args.test_forced_replies else []
     if script:
-        log.warning("TEST ONLY: scripted replies from %s are active (%d entries)", args.test_forced_replies, len(script))
+        log.warning(
+            "TEST ONLY: scripted replies from %s are active (%d entries)", args.test_forced_replies, len(script)
+        )
 
     renderer = Renderer(tokenizer, context_limit=limit)
     memory = parse_size(args.cache_memory, what="--cache-memory")
@@ -148,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = _model_dir(model_ref)
         if model_dir is None and disk:
             log.warning("cannot locate the files of %s: snapshots stay in memory only", model_ref)
-        prefix_cache = SnapshotCache(memory, disk_dir=args.cache_dir if disk else None, disk_budget=disk, model_dir=model_dir)
+        prefix_cache = SnapshotCache(
+            memory, disk_dir=args.cache_dir if disk else None, disk_budget=disk, model_dir=model_dir
+        )
     log.info("prefix cache: %s", prefix_cache.describe())
     on_output = renderer.remember_output
     disk_dir = getattr(getattr(getattr(prefix_cache, "store", None), "disk", None), "dir", None)
@@ -175,8 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("TEST ONLY: every forward pass sleeps %.4fs per input token", args.test_slow_prefill)
         model = SlowModel(model, args.test_slow_prefill)
     metrics = ServerMetrics()
-    engine = Engine(model, tokenizer, prefix_cache, prefill_chunk=args.prefill_chunk, chunk_seconds=args.chunk_seconds,
-                    checkpoint_seconds=args.checkpoint_seconds, on_output=on_output, metrics=metrics)
+    engine = Engine(
+        model,
+        tokenizer,
+        prefix_cache,
+        prefill_chunk=args.prefill_chunk,
+        chunk_seconds=args.chunk_seconds,
+        checkpoint_seconds=args.checkpoint_seconds,
+        on_output=on_output,
+        metrics=metrics,
+    )
     engine.start()
     name = _served_name(model_ref)
     cfg = ServerConfig(
@@ -216,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             super().handle_exit(sig, frame)
 
     try:
-        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)).run()
+        Server(
+            uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+        ).run()
     finally:
         shutdown()  # when uvicorn returns without a signal (e.g. the port was taken)
     return 0

@@ -18,9 +18,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cache_backend import sse
 from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Progress, Started
@@ -36,7 +36,7 @@ from cache_backend.errors import (
 from cache_backend.metrics import ServerMetrics
 from cache_backend.output import new_id
 from cache_backend.progress import ProgressBlock
-from cache_backend.render import Renderer, RenderedPrompt, tool_call_markup, tool_dict
+from cache_backend.render import RenderedPrompt, Renderer, tool_call_markup, tool_dict
 from cache_backend.scripted import ScriptedReply, match
 from cache_backend.structured import opening_for
 from cache_backend.toolcalls import syntax_for
@@ -101,8 +101,9 @@ def create_app(state: ServerState, on_shutdown: Callable[[], None] | None = None
 
     @app.exception_handler(ClientClosed)
     async def _client_closed(request: Request, exc: ClientClosed) -> Response:
-        log.info("%s %s: the client closed the connection before sending its whole body", request.method,
-                 request.url.path)
+        log.info(
+            "%s %s: the client closed the connection before sending its whole body", request.method, request.url.path
+        )
         return Response(status_code=400)  # nobody reads it
 
     @app.exception_handler(StarletteHTTPException)
@@ -129,20 +130,34 @@ def create_app(state: ServerState, on_shutdown: Callable[[], None] | None = None
             if auth.lower().startswith("bearer "):
                 key = auth[7:].strip()
         if key != cfg.api_key:
-            raise AuthenticationFailed("invalid x-api-key" if key else "missing API key: send x-api-key or Authorization: Bearer")
+            raise AuthenticationFailed(
+                "invalid x-api-key" if key else "missing API key: send x-api-key or Authorization: Bearer"
+            )
 
     def check_model(name: str) -> None:
         if name.startswith("claude") or name == cfg.model_name or name in cfg.model_aliases:
             return
-        raise NotFound(f"model: {name!r} is not served here (serving {cfg.model_name!r}; any claude-* name is an alias for it)")
+        raise NotFound(
+            f"model: {name!r} is not served here (serving {cfg.model_name!r}; any claude-* name is an alias for it)"
+        )
 
     def model_obj(name: str) -> dict[str, Any]:
-        return {"type": "model", "id": name, "display_name": f"{name} (served by {cfg.model_name})", "created_at": cfg.created_at}
+        return {
+            "type": "model",
+            "id": name,
+            "display_name": f"{name} (served by {cfg.model_name})",
+            "created_at": cfg.created_at,
+        }
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": cfg.model_name, "queued": state.engine.queued, "busy": state.engine.busy,
-                "max_context": cfg.max_context}
+        return {
+            "status": "ok",
+            "model": cfg.model_name,
+            "queued": state.engine.queued,
+            "busy": state.engine.busy,
+            "max_context": cfg.max_context,
+        }
 
     def cache_stats() -> dict[str, Any]:
         stats = getattr(state.engine.prefix_cache, "stats", None)
@@ -256,7 +271,9 @@ def progress_block(cfg: ServerConfig, body: dict[str, Any]) -> ProgressBlock | N
     return ProgressBlock(after_s=cfg.progress_after_s) if wants and cfg.progress_after_s >= 0 else None
 
 
-def build_params(state: ServerState, body: dict[str, Any], req: MessagesRequest, prompt: RenderedPrompt) -> GenerationParams:
+def build_params(
+    state: ServerState, body: dict[str, Any], req: MessagesRequest, prompt: RenderedPrompt
+) -> GenerationParams:
     """Generation settings for one request: caps, stop rules, tool syntax, forced tokens."""
     cfg = state.config
     tok = state.engine.tokenizer
@@ -311,8 +328,14 @@ def _usage_of(ev: Started | Finished, output_tokens: int = 0) -> dict[str, Any]:
     return sse.usage(ev.prompt_tokens - ev.n_restored, output_tokens, cache_read=ev.n_restored)
 
 
-async def stream_events(job: Job, events: asyncio.Queue[Any], msg_id: str, model: str, ping_interval: float,
-                        progress: ProgressBlock | None = None):
+async def stream_events(
+    job: Job,
+    events: asyncio.Queue[Any],
+    msg_id: str,
+    model: str,
+    ping_interval: float,
+    progress: ProgressBlock | None = None,
+):
     """SSE bytes for one job. Silence longer than `ping_interval` gets a ping (an SSE comment
     before the worker starts the job). With `progress`, a long prefill streams a thinking block
     that reports it (see progress.py)."""
@@ -360,7 +383,9 @@ async def stream_events(job: Job, events: asyncio.Queue[Any], msg_id: str, model
             job.cancel.set()
 
 
-async def collect(request: Request, job: Job, events: asyncio.Queue[Any], msg_id: str, model: str, request_id: str) -> Response:
+async def collect(
+    request: Request, job: Job, events: asyncio.Queue[Any], msg_id: str, model: str, request_id: str
+) -> Response:
     """The non-streamed response; a client that goes away cancels the job.
 
     The disconnect check runs on a clock, not only when no event arrives: during decoding events
@@ -382,14 +407,16 @@ async def collect(request: Request, job: Job, events: asyncio.Queue[Any], msg_id
                     return Response(status_code=499)
             if isinstance(ev, Finished):
                 finished = True
-                body = sse.message_shell(msg_id, model, ev.blocks, ev.stop_reason, ev.stop_sequence,
-                                         _usage_of(ev, ev.output_tokens))
+                body = sse.message_shell(
+                    msg_id, model, ev.blocks, ev.stop_reason, ev.stop_sequence, _usage_of(ev, ev.output_tokens)
+                )
                 return JSONResponse(body, headers={"request-id": request_id})
             if isinstance(ev, Failed):
                 finished = True
                 status = 529 if ev.error_type == "overloaded_error" else 500
-                return JSONResponse(error_body(ev.error_type, _failure_text(ev)), status_code=status,
-                                    headers={"request-id": request_id})
+                return JSONResponse(
+                    error_body(ev.error_type, _failure_text(ev)), status_code=status, headers={"request-id": request_id}
+                )
     finally:
         if not finished:
             job.cancel.set()

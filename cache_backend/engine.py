@@ -215,8 +215,12 @@ class Engine:
                 stopping = self._stopping.is_set()
                 log.info(
                     "request %s %s after %.2fs: prompt=%d prefilled=%d output=%d",
-                    job.request_id, "stopped by the server shutdown" if stopping else "cancelled by the client",
-                    time.monotonic() - job.created, len(job.prompt.tokens), job.prefilled, job.generated,
+                    job.request_id,
+                    "stopped by the server shutdown" if stopping else "cancelled by the client",
+                    time.monotonic() - job.created,
+                    len(job.prompt.tokens),
+                    job.prefilled,
+                    job.generated,
                 )
                 outcome = "shutdown" if stopping else "cancelled"
                 if stopping:
@@ -233,10 +237,19 @@ class Engine:
         if self.metrics is None:
             return
         queued = (job.started or time.monotonic()) - job.created
-        self.metrics.record(RequestRecord(
-            request_id=job.request_id, prompt=len(job.prompt.tokens), restored=job.restored, prefilled=job.prefilled,
-            output=job.generated, ttft_s=None if job.ttft_s is None else round(job.ttft_s, 4),
-            queued_s=round(queued, 4), resumed=job.resumed, outcome=outcome))
+        self.metrics.record(
+            RequestRecord(
+                request_id=job.request_id,
+                prompt=len(job.prompt.tokens),
+                restored=job.restored,
+                prefilled=job.prefilled,
+                output=job.generated,
+                ttft_s=None if job.ttft_s is None else round(job.ttft_s, 4),
+                queued_s=round(queued, 4),
+                resumed=job.resumed,
+                outcome=outcome,
+            )
+        )
 
     def _check(self, job: Job) -> None:
         if job.cancel.is_set():
@@ -302,8 +315,14 @@ class Engine:
                 if now - t_logged >= 5.0:
                     t_logged = now
                     eta = progress.eta_s
-                    log.info("request %s prefill %d/%d tokens, %.0f tok/s, ~%.0fs left",
-                             job.request_id, pos, total, rate, eta if eta is not None else 0)
+                    log.info(
+                        "request %s prefill %d/%d tokens, %.0f tok/s, ~%.0fs left",
+                        job.request_id,
+                        pos,
+                        total,
+                        rate,
+                        eta if eta is not None else 0,
+                    )
                 if pos in stops:
                     self.prefix_cache.save(tokens[:pos], cache, "checkpoint")
                     saved, t_saved = pos, now
@@ -331,7 +350,12 @@ class Engine:
         job.restored, job.resumed = n_restored, restored.resumed
         if restored.resumed:
             self.resumed_prefills += 1
-            log.info("request %s resumes a partial prefill: %d of %d tokens restored", job.request_id, n_restored, len(prompt))
+            log.info(
+                "request %s resumes a partial prefill: %d of %d tokens restored",
+                job.request_id,
+                n_restored,
+                len(prompt),
+            )
         job.sink(Started(prompt_tokens=len(prompt), n_restored=n_restored))
         deadline = t0 + p.deadline_s if p.deadline_s else None
 
@@ -340,9 +364,14 @@ class Engine:
         t_prefill = time.monotonic()
 
         assembler = OutputAssembler(
-            emit=job.sink, stop_sequences=p.stop_sequences, tool_syntax=p.tool_syntax, json_mode=p.json_schema is not None
+            emit=job.sink,
+            stop_sequences=p.stop_sequences,
+            tool_syntax=p.tool_syntax,
+            json_mode=p.json_schema is not None,
         )
-        sampler = make_sampler(p.temperature if p.temperature is not None else 1.0, top_p=p.top_p or 0.0, top_k=p.top_k or 0)
+        sampler = make_sampler(
+            p.temperature if p.temperature is not None else 1.0, top_p=p.top_p or 0.0, top_k=p.top_k or 0
+        )
         detok = IncrementalDetokenizer(self.tokenizer)
         forced = list(p.forced_tokens)
         out: list[int] = []
@@ -392,24 +421,36 @@ class Engine:
 
         if p.json_schema is not None:
             problem = validate_json(p.json_schema, assembler.json_text or "")
-            log.info("request %s structured output %s", job.request_id, "valid" if problem is None else f"invalid: {problem}")
+            log.info(
+                "request %s structured output %s", job.request_id, "valid" if problem is None else f"invalid: {problem}"
+            )
         t1 = time.monotonic()
         n_dec = max(len(out) - 1, 0)
         log.info(
-            "request %s prompt=%d restored=%d prefilled=%d ttft=%s output=%d stop=%s prefill=%.2fs decode=%.1ftok/s queued=%.2fs",
-            job.request_id, len(prompt), n_restored, len(prompt) - n_restored,
-            f"{ttft:.3f}s" if ttft is not None else "-", len(out), stop_reason, t_prefill - t0,
-            n_dec / (t1 - t_prefill) if t1 > t_prefill and n_dec else 0.0, t0 - job.created,
+            "request %s prompt=%d restored=%d prefilled=%d ttft=%s output=%d stop=%s prefill=%.2fs decode=%.1ftok/s "
+            "queued=%.2fs",
+            job.request_id,
+            len(prompt),
+            n_restored,
+            len(prompt) - n_restored,
+            f"{ttft:.3f}s" if ttft is not None else "-",
+            len(out),
+            stop_reason,
+            t_prefill - t0,
+            n_dec / (t1 - t_prefill) if t1 > t_prefill and n_dec else 0.0,
+            t0 - job.created,
         )
         if self.metrics is not None:
             self.metrics.observe(len(prompt), n_restored, len(out), ttft)
-        job.sink(Finished(
-            stop_reason=stop_reason,
-            stop_sequence=assembler.stop_sequence if stop_reason == "stop_sequence" else None,
-            prompt_tokens=len(prompt),
-            n_restored=n_restored,
-            output_tokens=len(out),
-            ttft_s=ttft,
-            blocks=assembler.blocks,
-        ))
+        job.sink(
+            Finished(
+                stop_reason=stop_reason,
+                stop_sequence=assembler.stop_sequence if stop_reason == "stop_sequence" else None,
+                prompt_tokens=len(prompt),
+                n_restored=n_restored,
+                output_tokens=len(out),
+                ttft_s=ttft,
+                blocks=assembler.blocks,
+            )
+        )
         return stop_reason

@@ -47,7 +47,8 @@ _LDCONFIG_ARCH = {"x86_64": "x86-64", "aarch64": "AArch64"}
 @cache
 def _ldconfig_listing() -> str:
     exe = shutil.which("ldconfig") or next(
-        (p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(p)), None)
+        (p for p in ("/sbin/ldconfig", "/usr/sbin/ldconfig") if os.path.exists(p)), None
+    )
     if exe is None:
         return ""
     try:
@@ -72,8 +73,12 @@ def _system_openblas() -> Path | None:
     if found:
         return found
     multiarch = f"/usr/lib/{platform.machine()}-linux-gnu"
-    for p in (f"{multiarch}/libopenblas.so.0", f"{multiarch}/openblas-pthread/libopenblas.so.0",
-              "/usr/lib64/libopenblas.so.0", "/usr/lib/libopenblas.so.0"):
+    for p in (
+        f"{multiarch}/libopenblas.so.0",
+        f"{multiarch}/openblas-pthread/libopenblas.so.0",
+        "/usr/lib64/libopenblas.so.0",
+        "/usr/lib/libopenblas.so.0",
+    ):
         if Path(p).is_file():
             return Path(p)
     return None

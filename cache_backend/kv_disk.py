@@ -69,7 +69,9 @@ def model_fingerprint(model_dir: Path, hashes: Path | None = None) -> str:
 def _file_sha256(path: Path, size: int) -> str:
     h = hashlib.sha256()
     if size > 2**30:
-        log.info(f"kv cache: hashing {path.name} ({size / 2**30:.1f} GB) once, to tell its snapshots from other models'")
+        log.info(
+            f"kv cache: hashing {path.name} ({size / 2**30:.1f} GB) once, to tell its snapshots from other models'"
+        )
     with path.open("rb") as f:
         while chunk := f.read(2**24):
             h.update(chunk)
@@ -234,8 +236,11 @@ class DiskTier:
                 continue
             self.index[snap.id] = snap
         if bad:
-            log.warning(f"kv cache: removed {len(bad)} unusable entr{'y' if len(bad) == 1 else 'ies'} from {self.dir}: "
-                        + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else ""))
+            log.warning(
+                f"kv cache: removed {len(bad)} unusable entr{'y' if len(bad) == 1 else 'ies'} from {self.dir}: "
+                + "; ".join(bad[:5])
+                + ("; ..." if len(bad) > 5 else "")
+            )
 
     def _snapshot_from_meta(self, snap_id: str, meta: dict[str, str]) -> Snapshot:
         if meta.get("format") != FORMAT:
@@ -245,9 +250,16 @@ class DiskTier:
         if not meta.get("checksum"):
             raise ValueError("no checksum")
         tokens = np.frombuffer(base64.b64decode(meta["tokens"], validate=True), dtype="<i4").astype(np.int32)
-        return Snapshot(id=snap_id, tokens=tokens, layers=None, conversation=meta.get("conversation", ""),
-                        protected=int(meta.get("protected", 0)), trimmable=meta.get("trimmable") == "1",
-                        nbytes=0, on_disk=True)
+        return Snapshot(
+            id=snap_id,
+            tokens=tokens,
+            layers=None,
+            conversation=meta.get("conversation", ""),
+            protected=int(meta.get("protected", 0)),
+            trimmable=meta.get("trimmable") == "1",
+            nbytes=0,
+            on_disk=True,
+        )
 
     def _remove_bad(self, path: Path, why: str) -> None:
         log.warning(f"kv cache: removing unusable snapshot file {path.name}: {why}")
@@ -348,8 +360,11 @@ class DiskTier:
             "protected": str(snap.protected),
             "trimmable": "1" if snap.trimmable else "0",
         }
-        meta = dict(fields, tokens=base64.b64encode(snap.tokens.astype("<i4").tobytes()).decode(),
-                    checksum=snapshot_checksum(snap.tokens, fields, snap.layers))
+        meta = dict(
+            fields,
+            tokens=base64.b64encode(snap.tokens.astype("<i4").tobytes()).decode(),
+            checksum=snapshot_checksum(snap.tokens, fields, snap.layers),
+        )
         tmp = self.dir / f".{snap.id}.tmp.safetensors"
         save_prompt_cache(str(tmp), snap.layers, meta)
         os.replace(tmp, self.path(snap.id))
@@ -357,9 +372,15 @@ class DiskTier:
             superseded = snap.id in self._forgotten
             if not superseded:
                 snap.on_disk = True
-                self.index[snap.id] = Snapshot(id=snap.id, tokens=snap.tokens, layers=None,
-                                               conversation=snap.conversation, protected=snap.protected,
-                                               trimmable=snap.trimmable, on_disk=True)
+                self.index[snap.id] = Snapshot(
+                    id=snap.id,
+                    tokens=snap.tokens,
+                    layers=None,
+                    conversation=snap.conversation,
+                    protected=snap.protected,
+                    trimmable=snap.trimmable,
+                    on_disk=True,
+                )
                 self.pending.pop(snap.id, None)
             replaced = self._after_write.pop(snap.id, [])
         try:

@@ -189,7 +189,11 @@ class SnapshotStore:
                 continue  # only whole snapshots of untrimmable caches are reusable
             if usable <= 0:
                 continue
-            if best is None or usable > best.length or (usable == best.length and snap.layers is not None and best.snapshot.layers is None):
+            if (
+                best is None
+                or usable > best.length
+                or (usable == best.length and snap.layers is not None and best.snapshot.layers is None)
+            ):
                 best = Hit(snap, usable)
         return best
 
@@ -222,16 +226,31 @@ class SnapshotStore:
             raise ValueError(f"snapshot of {len(toks)} tokens offered a cache holding {sorted(held)} positions")
         trimmable = is_trimmable(live)
         for snap in list(self.snapshots.values()):
-            if trimmable and snap.trimmable and len(snap) >= len(toks) and common_prefix_len(snap.tokens, toks) == len(toks):
+            if (
+                trimmable
+                and snap.trimmable
+                and len(snap) >= len(toks)
+                and common_prefix_len(snap.tokens, toks) == len(toks)
+            ):
                 snap.last_used = next(self._clock)  # already covered by a longer snapshot
                 snap.protected = max(snap.protected, protected)
                 return None
         layers = freeze(live)
-        snap = Snapshot(id=self._new_id(), tokens=toks, layers=layers, conversation=conversation,
-                        protected=protected, trimmable=trimmable, nbytes=layers_nbytes(layers),
-                        last_used=next(self._clock))
-        covered = [old for old in self.snapshots.values() if trimmable and old.trimmable and len(old) < len(toks)
-                   and common_prefix_len(old.tokens, toks) == len(old)]
+        snap = Snapshot(
+            id=self._new_id(),
+            tokens=toks,
+            layers=layers,
+            conversation=conversation,
+            protected=protected,
+            trimmable=trimmable,
+            nbytes=layers_nbytes(layers),
+            last_used=next(self._clock),
+        )
+        covered = [
+            old
+            for old in self.snapshots.values()
+            if trimmable and old.trimmable and len(old) < len(toks) and common_prefix_len(old.tokens, toks) == len(old)
+        ]
         for old in covered:
             snap.protected = max(snap.protected, old.protected)
         if snap.nbytes > self.memory_budget:
@@ -284,19 +303,32 @@ class SnapshotStore:
         n = snap.protected
         prefix = snap.tokens[:n]
         self.truncations += 1
-        covered = any(o is not snap and o.trimmable and len(o) >= n and common_prefix_len(o.tokens, prefix) == n
-                      for o in self.snapshots.values())
+        covered = any(
+            o is not snap and o.trimmable and len(o) >= n and common_prefix_len(o.tokens, prefix) == n
+            for o in self.snapshots.values()
+        )
         self.snapshots.pop(snap.id)
         if covered:
             return  # another snapshot already serves this prefix
-        kept = Snapshot(id=self._new_id(), tokens=prefix.copy(), layers=shrink(snap.layers, n),
-                        conversation=snap.conversation, protected=n, trimmable=True,
-                        last_used=snap.last_used)
+        kept = Snapshot(
+            id=self._new_id(),
+            tokens=prefix.copy(),
+            layers=shrink(snap.layers, n),
+            conversation=snap.conversation,
+            protected=n,
+            trimmable=True,
+            last_used=snap.last_used,
+        )
         kept.nbytes = layers_nbytes(kept.layers)
         self.snapshots[kept.id] = kept
         if self.disk is not None:
             self.disk.write(kept)
 
     def stats(self) -> StoreStats:
-        return StoreStats(snapshots=len(self.snapshots), memory_bytes=self.memory_bytes,
-                          evictions=self.evictions, superseded=self.superseded, truncations=self.truncations)
+        return StoreStats(
+            snapshots=len(self.snapshots),
+            memory_bytes=self.memory_bytes,
+            evictions=self.evictions,
+            superseded=self.superseded,
+            truncations=self.truncations,
+        )

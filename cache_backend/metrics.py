@@ -44,9 +44,13 @@ class ServerMetrics:
         self.output_tokens_total = 0
         self._requests = Counter("ccwarm_requests", "Finished /v1/messages requests", registry=self.registry)
         self._prefill = Counter("ccwarm_prefill_tokens", "Prompt tokens prefilled", registry=self.registry)
-        self._cache_read = Counter("ccwarm_cache_read_tokens", "Prompt tokens restored from snapshots", registry=self.registry)
+        self._cache_read = Counter(
+            "ccwarm_cache_read_tokens", "Prompt tokens restored from snapshots", registry=self.registry
+        )
         self._output = Counter("ccwarm_output_tokens", "Tokens generated", registry=self.registry)
-        self._ttft = Histogram("ccwarm_ttft_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=self.registry)
+        self._ttft = Histogram(
+            "ccwarm_ttft_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=self.registry
+        )
         self._cache = Gauge("ccwarm_cache", "Prefix cache state", ["field"], registry=self.registry)
         self._recent: deque[RequestRecord] = deque(maxlen=self.RECENT)
 

@@ -61,7 +61,7 @@ class StopSequenceFilter:
                 if self._buf.endswith(s[:n]):
                     keep = max(keep, n)
                     break
-        out, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+        out, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
         return out
 
     def flush(self) -> str:
@@ -131,7 +131,9 @@ class OutputAssembler:
         if not text:
             return
         if not self._open_text:
-            self.emit({"type": "content_block_start", "index": self._index, "content_block": {"type": "text", "text": ""}})
+            self.emit(
+                {"type": "content_block_start", "index": self._index, "content_block": {"type": "text", "text": ""}}
+            )
             self.blocks.append({"type": "text", "text": ""})
             self._open_text = True
         self.blocks[-1]["text"] += text
@@ -149,11 +151,13 @@ class OutputAssembler:
         self.emit({"type": "content_block_start", "index": self._index, "content_block": dict(block)})
         payload = json.dumps(call.arguments, ensure_ascii=False)
         for i in range(0, len(payload), JSON_DELTA_CHUNK):
-            self.emit({
-                "type": "content_block_delta",
-                "index": self._index,
-                "delta": {"type": "input_json_delta", "partial_json": payload[i : i + JSON_DELTA_CHUNK]},
-            })
+            self.emit(
+                {
+                    "type": "content_block_delta",
+                    "index": self._index,
+                    "delta": {"type": "input_json_delta", "partial_json": payload[i : i + JSON_DELTA_CHUNK]},
+                }
+            )
         self.emit({"type": "content_block_stop", "index": self._index})
         block["input"] = call.arguments
         self.blocks.append(block)

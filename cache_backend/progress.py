@@ -52,8 +52,13 @@ class ProgressBlock:
         out: list[dict[str, Any]] = []
         if not self.open:
             self.open, self.shift = True, 1
-            out.append({"type": "content_block_start", "index": 0,
-                        "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
+            out.append(
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+                }
+            )
             head = "Prefilling the prompt on the local server"
             if self._restored:
                 head += f" ({self._restored:,} tokens restored from its cache)"
@@ -69,8 +74,14 @@ class ProgressBlock:
         if not self.open:
             return []
         self.open = False
-        return [{"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "ccwarm-progress"}},
-                {"type": "content_block_stop", "index": 0}]
+        return [
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "signature_delta", "signature": "ccwarm-progress"},
+            },
+            {"type": "content_block_stop", "index": 0},
+        ]
 
     def shifted(self, event: dict[str, Any]) -> dict[str, Any]:
         if self.shift and "index" in event:

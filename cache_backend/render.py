@@ -48,8 +48,8 @@ FALLBACK_TEMPLATE = (
     "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages and messages[0]['role'] == 'system' %}"
     "{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}{{- '# Tools\\n\\n<tools>' }}"
     "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
-    "{{- '\\n</tools>\\n\\nTo call a function, reply with <tool_call>\\n{\"name\": <function-name>, "
-    "\"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    '{{- \'\\n</tools>\\n\\nTo call a function, reply with <tool_call>\\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}'
     "{%- elif messages and messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
     "{%- for message in messages %}{%- if message.role == 'system' and loop.first %}"
@@ -59,7 +59,8 @@ FALLBACK_TEMPLATE = (
     "{%- if message.content %}{{- message.content }}{%- endif %}"
     "{%- for tc in message.tool_calls or [] %}{%- set f = tc.function %}"
     "{%- if message.content or not loop.first %}{{- '\\n' }}{%- endif %}"
-    "{{- '<tool_call>\\n{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments | tojson) + '}\\n</tool_call>' }}"
+    '{{- \'<tool_call>\\n{"name": "\' + f.name + \'", "arguments": \' '
+    "+ (f.arguments | tojson) + '}\\n</tool_call>' }}"
     "{%- endfor %}{{- '<|im_end|>\\n' }}"
     "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
@@ -106,9 +107,8 @@ def tool_reference_text(tool: Tool) -> str:
 
 
 def json_instruction(schema: dict[str, Any]) -> str:
-    return (
-        "Respond with only a JSON value that conforms to this JSON Schema, and nothing else:\n"
-        + json.dumps(schema, ensure_ascii=False)
+    return "Respond with only a JSON value that conforms to this JSON Schema, and nothing else:\n" + json.dumps(
+        schema, ensure_ascii=False
     )
 
 
@@ -180,8 +180,9 @@ def _max_token_chars(tokenizer: Any) -> int:
 class Renderer:
     """Request -> RenderedPrompt for one tokenizer. Thread-safe only if used from one thread."""
 
-    def __init__(self, tokenizer: Any, *, memo_size: int = 8192, outputs_size: int = 4096,
-                 context_limit: int | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any, *, memo_size: int = 8192, outputs_size: int = 4096, context_limit: int | None = None
+    ) -> None:
         self.tok = tokenizer
         # A prompt longer than context_limit tokens is refused before it is tokenized: no token
         # covers more than max_token_chars characters, so a longer text cannot fit. Tokenizing
@@ -206,7 +207,10 @@ class Renderer:
         self.native_tools, self.native_tool_calls, self.native_tool_role, self.mid_system = self._probe()
         log.info(
             "chat template: tools=%s tool_calls=%s tool_role=%s mid_system=%s",
-            self.native_tools, self.native_tool_calls, self.native_tool_role, self.mid_system,
+            self.native_tools,
+            self.native_tool_calls,
+            self.native_tool_role,
+            self.mid_system,
         )
 
     # --- template access ------------------------------------------------------------------
@@ -222,14 +226,23 @@ class Renderer:
             raise TypeError(f"chat template returned {type(out).__name__}, expected str")
         return out
 
-    def _try(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, gen: bool = False) -> str | None:
+    def _try(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, gen: bool = False
+    ) -> str | None:
         try:
             return self._apply(messages, tools, gen)
         except Exception:
             return None
 
     def _probe(self) -> tuple[bool, bool, bool, bool]:
-        tool = {"type": "function", "function": {"name": "probe_tool_zq", "description": "d", "parameters": {"type": "object", "properties": {}}}}
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "probe_tool_zq",
+                "description": "d",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
         out = self._try([{"role": "user", "content": "hi"}], [tool])
         native_tools = bool(out and "probe_tool_zq" in out)
         call = {"id": "c1", "type": "function", "function": {"name": "probe_call_zq", "arguments": {"arg_zq": 1}}}
@@ -242,8 +255,14 @@ class Renderer:
         # Without tool definitions in the template, tool turns are all rendered as Hermes text.
         native_calls = native_tools and bool(out and "probe_call_zq" in out and "arg_zq" in out)
         native_tool_role = native_tools and bool(out and "probe_result_zq" in out)
-        out = self._try([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                         {"role": "system", "content": "probe_sys_zq"}, {"role": "user", "content": "c"}])
+        out = self._try(
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "system", "content": "probe_sys_zq"},
+                {"role": "user", "content": "c"},
+            ]
+        )
         mid_system = bool(out and "probe_sys_zq" in out)
         return native_tools, native_calls, native_tool_role, mid_system
 
@@ -334,7 +353,9 @@ class Renderer:
         if not self.native_tool_calls:
             markup = "\n".join(tool_call_markup(c.name, c.input) for c in calls)
             return {"role": "assistant", "content": f"{text}\n{markup}" if text else markup}
-        tool_calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.input}} for c in calls]
+        tool_calls = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.input}} for c in calls
+        ]
         return {"role": "assistant", "content": text, "tool_calls": tool_calls}
 
     def _tool_result(self, text: str, tool_use_id: str, name: str) -> dict[str, Any]:
@@ -405,8 +426,9 @@ class Renderer:
     def _check_length(self, chars: int) -> None:
         if self.context_limit and chars > self.context_limit * self.max_token_chars:
             fewest = -(-chars // self.max_token_chars)
-            raise InvalidRequest(f"prompt is too long: {chars} characters are at least {fewest} tokens "
-                                 f"> {self.context_limit} maximum")
+            raise InvalidRequest(
+                f"prompt is too long: {chars} characters are at least {fewest} tokens > {self.context_limit} maximum"
+            )
 
     def _preamble(self, msgs: list[dict[str, Any]], tools: list[dict[str, Any]] | None, key: str) -> str:
         """What the template emits before any message (a tools-only system block), when separable."""
@@ -448,7 +470,7 @@ class Renderer:
             if not cur.startswith(prev):
                 ok = False
                 break
-            new_texts[k] = cur[len(prev):]
+            new_texts[k] = cur[len(prev) :]
             prev = cur
         if not ok or not full.startswith(prev):
             log.warning("chat template is not append-only for this conversation; tokenizing it whole")
@@ -458,15 +480,15 @@ class Renderer:
                 tokens += self.encode(chat.prefill)
             return RenderedPrompt(tokens, 0, (), gen_start, segmented=False, placeholders=chat.placeholders)
 
-        gen_text = full[len(prev):]
+        gen_text = full[len(prev) :]
         for k, text in new_texts.items():
             if msgs[k]["role"] == "assistant" and gen_text and text.startswith(gen_text):
                 # Split exactly where generation began when the model produced this turn, and
                 # reuse the model's own tokens for the part it generated, when we know them.
-                rest = text[len(gen_text):]
+                rest = text[len(gen_text) :]
                 own = self._own_tokens(rest)
                 if own is not None:
-                    toks = self.encode(gen_text) + own[1] + self.encode(rest[len(own[0]):])
+                    toks = self.encode(gen_text) + own[1] + self.encode(rest[len(own[0]) :])
                 else:
                     toks = self.encode(gen_text) + self.encode(rest)
             else:

@@ -7,8 +7,9 @@ end-of-turn token. Never enable it in production.
 
 File: a JSON list of entries `{"when": "<substring>", "reply": "<text>", "fail_after_tokens": n}`.
 The first entry whose `when` occurs in the JSON of the request's last message (mid-conversation
-`role: "system"` reminders after it skipped) is used (an entry without `when` matches every request); `fail_after_tokens` makes generation raise after n
-tokens, to test mid-stream errors. Requests that match no entry are sampled normally.
+`role: "system"` reminders after it skipped) is used (an entry without `when` matches every
+request); `fail_after_tokens` makes generation raise after n tokens, to test mid-stream errors.
+Requests that match no entry are sampled normally.
 """
 
 from __future__ import annotations

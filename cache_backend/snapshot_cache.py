@@ -22,8 +22,9 @@ log = logging.getLogger("ccwarm.snapshot_cache")
 
 
 class SnapshotCache(PrefixCache):
-    def __init__(self, memory_budget: int, disk_dir: Path | None = None, disk_budget: int = 0,
-                 model_dir: Path | None = None) -> None:
+    def __init__(
+        self, memory_budget: int, disk_dir: Path | None = None, disk_budget: int = 0, model_dir: Path | None = None
+    ) -> None:
         disk = None
         if disk_dir is not None and disk_budget > 0 and model_dir is not None:
             disk = DiskTier(disk_dir, model_fingerprint(model_dir, disk_dir / "kv" / "weight-hashes.json"), disk_budget)

@@ -23,8 +23,14 @@ def usage(input_tokens: int, output_tokens: int, cache_read: int = 0, cache_crea
     }
 
 
-def message_shell(msg_id: str, model: str, content: list[dict[str, Any]], stop_reason: str | None,
-                  stop_sequence: str | None, use: dict[str, Any]) -> dict[str, Any]:
+def message_shell(
+    msg_id: str,
+    model: str,
+    content: list[dict[str, Any]],
+    stop_reason: str | None,
+    stop_sequence: str | None,
+    use: dict[str, Any],
+) -> dict[str, Any]:
     """A Message object (the non-streamed response, and message_start's payload)."""
     return {
         "id": msg_id,
@@ -48,7 +54,11 @@ def message_start(msg_id: str, model: str, use: dict[str, Any]) -> dict[str, Any
 
 
 def message_delta(stop_reason: str, stop_sequence: str | None, use: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": use}
+    return {
+        "type": "message_delta",
+        "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+        "usage": use,
+    }
 
 
 def message_stop() -> dict[str, Any]:

@@ -62,7 +62,7 @@ TOOL_CHAT_TEMPLATE = (
     "{%- for tool in tools -%}{{- '\\n' -}}{{- tool | tojson -}}{%- endfor -%}"
     "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and "
     "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
-    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' -}}"
+    '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' -}}'
     "{%- else -%}"
     "{%- if messages and messages[0].role == 'system' -%}"
     "{{- '<|im_start|>system\\n' + render_content(messages[0].content) + '<|im_end|>\\n' -}}"
@@ -80,7 +80,7 @@ TOOL_CHAT_TEMPLATE = (
     "{%- if message.content -%}{{- '\\n' + render_content(message.content) -}}{%- endif -%}"
     "{%- for tool_call in message.tool_calls -%}"
     "{%- if tool_call.function is defined -%}{%- set tool_call = tool_call.function -%}{%- endif -%}"
-    "{{- '\\n<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' -}}"
+    '{{- \'\\n<tool_call>\\n{"name": "\' + tool_call.name + \'", "arguments": \' -}}'
     "{%- if tool_call.arguments is string -%}{{- tool_call.arguments -}}"
     "{%- else -%}{{- tool_call.arguments | tojson -}}{%- endif -%}"
     "{{- '}\\n</tool_call>' -}}"
@@ -212,11 +212,10 @@ def make_tiny_model(
         "ccwarm_tiny_model": {"seed": seed},
     }
     _write_json(out_dir / "config.json", config)
-    _write_json(out_dir / "generation_config.json",
-                {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id})
-    write_tokenizer_files(
-        metadata, out_dir, chat_template=TOOL_CHAT_TEMPLATE, model_max_length=max_position_embeddings
+    _write_json(
+        out_dir / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
     )
+    write_tokenizer_files(metadata, out_dir, chat_template=TOOL_CHAT_TEMPLATE, model_max_length=max_position_embeddings)
     return out_dir
 
 

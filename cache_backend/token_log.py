@@ -29,8 +29,15 @@ from pathlib import Path
 log = logging.getLogger("cache_backend.token_log")
 
 
-_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
-                    "chat_template*")
+_TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+)
 
 
 def tokenizer_id(model_dir: Path) -> str:
@@ -78,8 +85,10 @@ class TokenLog:
         self._lines = len(entries)
         if bad or (raw and not raw.endswith(b"\n")):
             if bad:
-                log.warning(f"{self.path.name}: dropped {len(bad)} damaged line(s) ({bad[0]}"
-                            f"{', ...' if len(bad) > 1 else ''}); their tokens will be computed again")
+                log.warning(
+                    f"{self.path.name}: dropped {len(bad)} damaged line(s) ({bad[0]}"
+                    f"{', ...' if len(bad) > 1 else ''}); their tokens will be computed again"
+                )
             self._rewrite(keep)  # so a torn last line never swallows the next append
         return keep
 

@@ -123,7 +123,7 @@ class StreamingToolParser:
                 j = self._buf.find(self.syntax.end)
                 if j < 0:
                     return out
-                inner, self._buf = self._buf[:j], self._buf[j + len(self.syntax.end):]
+                inner, self._buf = self._buf[:j], self._buf[j + len(self.syntax.end) :]
                 self._in_call = False
                 out.extend(self._call(inner, closed=True))
                 continue
@@ -134,7 +134,7 @@ class StreamingToolParser:
                     before = before.lstrip()
                 if before:
                     out.append(TextPiece(before))
-                self._buf = self._buf[i + len(self.syntax.start):]
+                self._buf = self._buf[i + len(self.syntax.start) :]
                 self._in_call = True
                 continue
             keep = _partial_suffix(self._buf, self.syntax.start)

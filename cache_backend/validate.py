@@ -157,7 +157,9 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     if _SURROGATE_ESCAPE.search(raw):  # rare: only then walk the body to name the field
         where = _lone_surrogate_path(body)
         if where is not None:
-            raise _fail(where, "contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not text")
+            raise _fail(
+                where, "contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is not text"
+            )
     return body
 
 
@@ -222,7 +224,8 @@ def _tool_result_content(value: Any, path: str) -> tuple[ResultPart, ...]:
         else:
             raise _fail(
                 f"{p}.type",
-                f"unknown block type {typ!r} in a tool_result (expected 'text', 'image', 'document' or 'tool_reference')",
+                f"unknown block type {typ!r} in a tool_result (expected 'text', 'image', 'document' or "
+                "'tool_reference')",
             )
     return tuple(out)
 
@@ -330,7 +333,9 @@ def _check_tool_references(messages: tuple[Message, ...], tools: tuple[Tool, ...
         for j, block in enumerate(msg.content):
             path = f"messages[{i}].content[{j}]"
             if isinstance(block, ToolResultBlock):
-                refs = [(f"{path}.content[{k}]", p) for k, p in enumerate(block.content) if isinstance(p, ToolReference)]
+                refs = [
+                    (f"{path}.content[{k}]", p) for k, p in enumerate(block.content) if isinstance(p, ToolReference)
+                ]
             else:
                 refs = [(path, block)] if isinstance(block, ToolReference) else []
             for where, ref in refs:
@@ -346,20 +351,28 @@ def _check_tool_pairs(messages: tuple[Message, ...]) -> None:
         if msg.role != "user":
             continue
         prev = messages[i - 1] if i > 0 else None
-        asked = {b.id for b in prev.content if isinstance(b, ToolUseBlock)} if prev and prev.role == "assistant" else set()
+        asked = (
+            {b.id for b in prev.content if isinstance(b, ToolUseBlock)} if prev and prev.role == "assistant" else set()
+        )
         for j, block in enumerate(msg.content):
             if isinstance(block, ToolResultBlock) and block.tool_use_id not in asked:
-                raise _fail(f"messages[{i}].content[{j}].tool_use_id",
-                            f"no tool_use with id {block.tool_use_id!r} in the previous assistant message")
+                raise _fail(
+                    f"messages[{i}].content[{j}].tool_use_id",
+                    f"no tool_use with id {block.tool_use_id!r} in the previous assistant message",
+                )
     for i, msg in enumerate(messages[:-1]):
         if msg.role != "assistant":
             continue
         nxt = messages[i + 1]
-        answered = {b.tool_use_id for b in nxt.content if isinstance(b, ToolResultBlock)} if nxt.role == "user" else set()
+        answered = (
+            {b.tool_use_id for b in nxt.content if isinstance(b, ToolResultBlock)} if nxt.role == "user" else set()
+        )
         for j, block in enumerate(msg.content):
             if isinstance(block, ToolUseBlock) and block.id not in answered:
-                raise _fail(f"messages[{i}].content[{j}].id",
-                            f"tool_use {block.id!r} has no tool_result in the next user message")
+                raise _fail(
+                    f"messages[{i}].content[{j}].id",
+                    f"tool_use {block.id!r} has no tool_result in the next user message",
+                )
 
 
 def _tool_choice(value: Any, tools: tuple[Tool, ...]) -> ToolChoice:

@@ -47,13 +47,22 @@ def ensure_cli(spec: str | None = None) -> Path:
         return CLI
     npm = shutil.which("npm")
     if npm is None:
-        raise CliInstallError("npm is not installed: cannot install the Claude Code CLI (node >= 22 and npm are needed)")
+        raise CliInstallError(
+            "npm is not installed: cannot install the Claude Code CLI (node >= 22 and npm are needed)"
+        )
     CLI_DIR.mkdir(exist_ok=True)
     print(f"claude_cli: installing {spec} into {CLI_DIR} ...", flush=True)
-    proc = subprocess.run([npm, "install", "--prefix", str(CLI_DIR), "--no-audit", "--no-fund", spec],
-                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [npm, "install", "--prefix", str(CLI_DIR), "--no-audit", "--no-fund", spec],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        stdin=subprocess.DEVNULL,
+    )
     if proc.returncode != 0 or not CLI.exists():
-        raise CliInstallError(f"npm install {spec} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise CliInstallError(
+            f"npm install {spec} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     _MARKER.write_text(spec + "\n")
     return CLI
 

@@ -52,14 +52,28 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def mitmproxy_process(upstream_port: int, *scripts: str, options: tuple[str, ...] = (), log: Path | None = None,
-                      tool: str = "mitmdump", extra_args: tuple[str, ...] = (),
-                      also_wait_for: tuple[int, ...] = ()) -> Iterator[tuple[int, Path]]:
+def mitmproxy_process(
+    upstream_port: int,
+    *scripts: str,
+    options: tuple[str, ...] = (),
+    log: Path | None = None,
+    tool: str = "mitmdump",
+    extra_args: tuple[str, ...] = (),
+    also_wait_for: tuple[int, ...] = (),
+) -> Iterator[tuple[int, Path]]:
     """A real mitmdump/mitmweb in reverse mode before `upstream_port`; yields (listen port, log)."""
     port = free_port()
     log = log or Path(os.environ.get("TMPDIR", "/tmp")) / f"{tool}-{port}.log"
-    cmd = [str(BIN / tool), "--mode", f"reverse:http://127.0.0.1:{upstream_port}@{port}",
-           "--listen-host", "127.0.0.1", "--set", "confdir=" + str(log.parent / f"mitm-conf-{port}"), *extra_args]
+    cmd = [
+        str(BIN / tool),
+        "--mode",
+        f"reverse:http://127.0.0.1:{upstream_port}@{port}",
+        "--listen-host",
+        "127.0.0.1",
+        "--set",
+        "confdir=" + str(log.parent / f"mitm-conf-{port}"),
+        *extra_args,
+    ]
     for s in scripts:
         cmd += ["-s", str(REPO / s)]
     for o in options:
@@ -74,8 +88,9 @@ def mitmproxy_process(upstream_port: int, *scripts: str, options: tuple[str, ...
             stop_process(proc)
 
 
-def mitmdump(upstream_port: int, *scripts: str, options: tuple[str, ...] = (),
-             log: Path | None = None) -> contextlib.AbstractContextManager[tuple[int, Path]]:
+def mitmdump(
+    upstream_port: int, *scripts: str, options: tuple[str, ...] = (), log: Path | None = None
+) -> contextlib.AbstractContextManager[tuple[int, Path]]:
     """A real `mitmdump -s ... --mode reverse:` process; yields (listen port, log file)."""
     return mitmproxy_process(upstream_port, *scripts, options=options, log=log)
 
@@ -104,14 +119,35 @@ class RecordingUpstream:
     port: int = 0
 
     def sse_events(self) -> list[tuple[str, dict]]:
-        msg = {"id": "msg_up", "type": "message", "role": "assistant", "model": "m", "content": [],
-               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 0}}
+        msg = {
+            "id": "msg_up",
+            "type": "message",
+            "role": "assistant",
+            "model": "m",
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 3, "output_tokens": 0},
+        }
         return [
             ("message_start", {"type": "message_start", "message": msg}),
-            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}}),
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            ),
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}},
+            ),
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 1}}),
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": 1},
+                },
+            ),
             ("message_stop", {"type": "message_stop"}),
         ]
 
@@ -145,9 +181,18 @@ class RecordingUpstream:
                 elif stream:
                     self._stream()
                 else:
-                    self._json({"id": "msg_up", "type": "message", "role": "assistant", "model": "m",
-                                "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
-                                "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 1}})
+                    self._json(
+                        {
+                            "id": "msg_up",
+                            "type": "message",
+                            "role": "assistant",
+                            "model": "m",
+                            "content": [{"type": "text", "text": "Hello"}],
+                            "stop_reason": "end_turn",
+                            "stop_sequence": None,
+                            "usage": {"input_tokens": 3, "output_tokens": 1},
+                        }
+                    )
 
             def _json(self, obj: dict) -> None:
                 data = json.dumps(obj).encode()

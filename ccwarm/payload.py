@@ -286,7 +286,9 @@ def _strip_string_system(text: str, span: jsonedit.Span, patterns: list[re.Patte
     # spells newlines in a way we do not split on, re-encode this one string instead.
     raw_lines, seps = _split_raw_lines(text[span.start + 1 : span.end - 1])
     if len(raw_lines) == len(lines):
-        candidate = '"' + "".join(raw_lines[n] + (seps[n] if k + 1 < len(kept) else "") for k, n in enumerate(kept)) + '"'
+        candidate = (
+            '"' + "".join(raw_lines[n] + (seps[n] if k + 1 < len(kept) else "") for k, n in enumerate(kept)) + '"'
+        )
         if json.loads(candidate) == new_value:
             return jsonedit.replace_span(text, span, candidate), dropped
     return jsonedit.replace_span(text, span, json.dumps(new_value, ensure_ascii=False)), dropped
@@ -337,7 +339,9 @@ def strip_volatile(raw: bytes, patterns: Iterable[re.Pattern[str]] = ()) -> Stri
     elif text.startswith("null", span.start):
         return StripResult(raw, [])
     else:
-        raise PayloadError(f"'system' is neither a string nor a list of blocks (found {text[span.start:span.start + 20]!r})")
+        raise PayloadError(
+            f"'system' is neither a string nor a list of blocks (found {text[span.start : span.start + 20]!r})"
+        )
     if not dropped:
         return StripResult(raw, [])
     return StripResult(new_text.encode("utf-8"), dropped)

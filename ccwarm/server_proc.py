@@ -22,8 +22,14 @@ class ServerProcess:
     """`python -m cache_backend --host 127.0.0.1 --port P ARGS...`; output goes to `log_path`
     (or, with None, to this process's own terminal, as `make run` wants)."""
 
-    def __init__(self, *args: str, log_path: Path | None, port: int | None = None, timeout: float = 300.0,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        log_path: Path | None,
+        port: int | None = None,
+        timeout: float = 300.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path is not None else None
@@ -32,8 +38,13 @@ class ServerProcess:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT if self._out else None, cwd=REPO,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._out,
+            stderr=subprocess.STDOUT if self._out else None,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         try:
             self._wait_healthy(timeout)
         except BaseException:
@@ -44,7 +55,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} before it was healthy:\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode} before it was healthy:\n{self.log()[-3000:]}"
+                )
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
                     if resp.status == 200:
@@ -66,8 +79,9 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def companion_server(*args: str, log: Path, port: int | None = None, timeout: float = 300.0,
-                     env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+def companion_server(
+    *args: str, log: Path, port: int | None = None, timeout: float = 300.0, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
     """A ServerProcess that is stopped (SIGTERM, then SIGKILL) when the block ends."""
     server = ServerProcess(*args, log_path=log, port=port, timeout=timeout, env=env)
     try:

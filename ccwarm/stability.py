@@ -171,8 +171,14 @@ class Change:
         return f"{label} at {where}: {self.reason}"
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind, "path": self.path, "block": self.block, "reason": self.reason,
-                               "offset": self.offset, "prefix_chars": self.prefix_chars}
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "path": self.path,
+            "block": self.block,
+            "reason": self.reason,
+            "offset": self.offset,
+            "prefix_chars": self.prefix_chars,
+        }
         if self.fields:
             out["fields"] = {k: list(v) for k, v in self.fields.items()}
         if self.excerpt:
@@ -259,12 +265,12 @@ def excerpt(old: str, new: str, offset: int | None = None) -> dict[str, str]:
         s += 1
         if s >= 4096:
             break
-    old_mid, new_mid = old[p:len(old) - s], new[p:len(new) - s]
+    old_mid, new_mid = old[p : len(old) - s], new[p : len(new) - s]
     return {
-        "before": old[max(0, p - EXCERPT_CONTEXT):p],
+        "before": old[max(0, p - EXCERPT_CONTEXT) : p],
         "old": old_mid[:EXCERPT_MAX] + ("…" if len(old_mid) > EXCERPT_MAX else ""),
         "new": new_mid[:EXCERPT_MAX] + ("…" if len(new_mid) > EXCERPT_MAX else ""),
-        "after": new[len(new) - s:len(new) - s + EXCERPT_CONTEXT],
+        "after": new[len(new) - s : len(new) - s + EXCERPT_CONTEXT],
     }
 
 
@@ -277,7 +283,9 @@ def billing_field_changes(old_text: str, new_text: str) -> dict[str, list[str | 
 
 
 def describe_fields(fields: Mapping[str, Sequence[str | None]]) -> str:
-    return ", ".join(f"{k} {a if a is not None else '(none)'} -> {b if b is not None else '(none)'}" for k, (a, b) in fields.items())
+    return ", ".join(
+        f"{k} {a if a is not None else '(none)'} -> {b if b is not None else '(none)'}" for k, (a, b) in fields.items()
+    )
 
 
 def _child(node: Any, key: Any) -> Any:
@@ -323,7 +331,15 @@ _DD_KINDS = {
 
 
 def _kind_of(t: Any) -> str:
-    return {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(type(t), type(t).__name__)
+    return {
+        dict: "object",
+        list: "list",
+        str: "string",
+        int: "number",
+        float: "number",
+        bool: "boolean",
+        type(None): "null",
+    }.get(type(t), type(t).__name__)
 
 
 def deep_changes(a: Any, b: Any, *, ignore_cache_control: bool = True) -> list[tuple[list[Any], str]]:
@@ -426,8 +442,19 @@ class _Comparer:
         return self.changes
 
     # A block whose rendered text differs: locate the first leaf change with deepdiff.
-    def _changed_block(self, section: str, a_index: int, b_index: int, a: Any, b: Any, a_text: str, b_text: str,
-                       *, block: str | None = None, base: list[Any] | None = None) -> Change:
+    def _changed_block(
+        self,
+        section: str,
+        a_index: int,
+        b_index: int,
+        a: Any,
+        b: Any,
+        a_text: str,
+        b_text: str,
+        *,
+        block: str | None = None,
+        base: list[Any] | None = None,
+    ) -> Change:
         base = base if base is not None else [section, b_index]
         block = block or format_path(base)
         leaves = _text_only_change(a, b)
@@ -443,8 +470,16 @@ class _Comparer:
             reason = "text changed"
         else:
             reason = what
-        return Change(PREFIX_BREAK, path, block, reason, offset=offset, excerpt=excerpt(a_text, b_text, offset),
-                      fields=fields or None, details=[f"{format_path(base + e)}: {w}" for e, w in leaves[:8]])
+        return Change(
+            PREFIX_BREAK,
+            path,
+            block,
+            reason,
+            offset=offset,
+            excerpt=excerpt(a_text, b_text, offset),
+            fields=fields or None,
+            details=[f"{format_path(base + e)}: {w}" for e, w in leaves[:8]],
+        )
 
     def _json_only(self, base: list[Any], a: Any, b: Any, *, section: str) -> Change:
         block = format_path(base)
@@ -452,13 +487,22 @@ class _Comparer:
             return Change(JSON_ONLY, block, block, "cache_control moved")
         if section == "messages" and isinstance(a, dict) and isinstance(b, dict):
             ca, cb = a.get("content"), b.get("content")
-            if isinstance(ca, list) != isinstance(cb, list) and isinstance(ca, (list, str)) and isinstance(cb, (list, str)):
+            if (
+                isinstance(ca, list) != isinstance(cb, list)
+                and isinstance(ca, (list, str))
+                and isinstance(cb, (list, str))
+            ):
                 way = "a one-block list to a string" if isinstance(ca, list) else "a string to a one-block list"
                 return Change(JSON_ONLY, f"{block}.content", block, f"content flipped from {way} (same text)")
         leaves = deep_changes(a, b, ignore_cache_control=False)
         path = format_path(base + leaves[0][0]) if leaves else block
-        return Change(JSON_ONLY, path, block, (leaves[0][1] if leaves else "JSON changed") + " (rendered text unchanged)",
-                      details=[f"{format_path(base + e)}: {w}" for e, w in leaves[:8]])
+        return Change(
+            JSON_ONLY,
+            path,
+            block,
+            (leaves[0][1] if leaves else "JSON changed") + " (rendered text unchanged)",
+            details=[f"{format_path(base + e)}: {w}" for e, w in leaves[:8]],
+        )
 
     def _break(self, change: Change, section: str, index: int) -> None:
         change.prefix_chars = self.layout.before(section, index) + (change.offset or 0)
@@ -476,10 +520,24 @@ class _Comparer:
             k = next(i for i, (x, y) in enumerate(zip(names_a, names_b)) if x != y)
             moved = [f"tools[{i}] {x} -> {y}" for i, (x, y) in enumerate(zip(names_a, names_b)) if x != y]
             offset = self.layout.before("tools", k)
-            self._break(Change(PREFIX_BREAK, "tools", "tools", f"tool list re-ordered: first difference at tools[{k}] ({names_a[k]} -> {names_b[k]})",
-                               offset=offset, excerpt={"before": ", ".join(names_a[max(0, k - 3):k]), "old": ", ".join(names_a[k:k + 6]),
-                                                       "new": ", ".join(names_b[k:k + 6]), "after": ""},
-                               details=moved[:8]), "tools", 0)
+            self._break(
+                Change(
+                    PREFIX_BREAK,
+                    "tools",
+                    "tools",
+                    f"tool list re-ordered: first difference at tools[{k}] ({names_a[k]} -> {names_b[k]})",
+                    offset=offset,
+                    excerpt={
+                        "before": ", ".join(names_a[max(0, k - 3) : k]),
+                        "old": ", ".join(names_a[k : k + 6]),
+                        "new": ", ".join(names_b[k : k + 6]),
+                        "after": "",
+                    },
+                    details=moved[:8],
+                ),
+                "tools",
+                0,
+            )
             by_name = {}
             for t in ta:
                 by_name.setdefault(_tool_name(t), t)
@@ -499,10 +557,26 @@ class _Comparer:
                     self._tool_pair(ta[i], tb[j], i, j)
             else:
                 added, removed = names_b[j1:j2], names_a[i1:i2]
-                parts = ([f"added {', '.join(added)}"] if added else []) + ([f"removed {', '.join(removed)}"] if removed else [])
-                self._break(Change(PREFIX_BREAK, f"tools[{j1}]", "tools", "tool list changed: " + "; ".join(parts), offset=self.layout.before("tools", j1),
-                                   excerpt={"before": ", ".join(names_b[max(0, j1 - 3):j1]), "old": ", ".join(removed), "new": ", ".join(added), "after": ""}),
-                            "tools", 0)
+                parts = ([f"added {', '.join(added)}"] if added else []) + (
+                    [f"removed {', '.join(removed)}"] if removed else []
+                )
+                self._break(
+                    Change(
+                        PREFIX_BREAK,
+                        f"tools[{j1}]",
+                        "tools",
+                        "tool list changed: " + "; ".join(parts),
+                        offset=self.layout.before("tools", j1),
+                        excerpt={
+                            "before": ", ".join(names_b[max(0, j1 - 3) : j1]),
+                            "old": ", ".join(removed),
+                            "new": ", ".join(added),
+                            "after": "",
+                        },
+                    ),
+                    "tools",
+                    0,
+                )
                 self.changes[-1].prefix_chars = self.changes[-1].offset
 
     def _tool_pair(self, a: Any, b: Any, i: int, j: int) -> None:
@@ -524,7 +598,9 @@ class _Comparer:
         # string <-> string, or one form <-> the other
         ta, tb = _system_text(sa), _system_text(sb)
         if isinstance(sa, list) != isinstance(sb, list) and _flip_equal(sa, sb):
-            self.changes.append(Change(JSON_ONLY, "system", "system", "system flipped between a string and a block list (same text)"))
+            self.changes.append(
+                Change(JSON_ONLY, "system", "system", "system flipped between a string and a block list (same text)")
+            )
             return
         if ta == tb:
             self.changes.append(self._json_only(["system"], sa, sb, section="system"))
@@ -532,8 +608,19 @@ class _Comparer:
         offset = first_difference(ta, tb)
         fields = billing_field_changes(ta, tb)
         reason = "billing header changed: " + describe_fields(fields) if fields else "system text changed"
-        self._break(Change(PREFIX_BREAK, "system", "system", reason, offset=offset, fields=fields or None,
-                           excerpt=excerpt(ta, tb, offset)), "system", 0)
+        self._break(
+            Change(
+                PREFIX_BREAK,
+                "system",
+                "system",
+                reason,
+                offset=offset,
+                fields=fields or None,
+                excerpt=excerpt(ta, tb, offset),
+            ),
+            "system",
+            0,
+        )
 
     def _system_lists(self, sa: list[Any], sb: list[Any]) -> None:
         ra, rb = [render_block(b) for b in sa], [render_block(b) for b in sb]
@@ -554,15 +641,26 @@ class _Comparer:
                     reason = f"system block(s) inserted: {', '.join(f'system[{j}]' for j in extra_b)}"
                     ex = {"before": "", "old": "", "new": rb[extra_b[0]][:EXCERPT_MAX], "after": ""}
                 elif extra_a and not extra_b:
-                    reason = f"system block(s) removed: {', '.join(f'system[{i}]' for i in extra_a)} of the previous request"
+                    reason = (
+                        f"system block(s) removed: {', '.join(f'system[{i}]' for i in extra_a)} of the previous request"
+                    )
                     ex = {"before": "", "old": ra[extra_a[0]][:EXCERPT_MAX], "new": "", "after": ""}
                 else:
                     reason = "system blocks replaced"
-                    ex = {"before": "", "old": ra[extra_a[0]][:EXCERPT_MAX], "new": rb[extra_b[0]][:EXCERPT_MAX], "after": ""}
+                    ex = {
+                        "before": "",
+                        "old": ra[extra_a[0]][:EXCERPT_MAX],
+                        "new": rb[extra_b[0]][:EXCERPT_MAX],
+                        "after": "",
+                    }
                 removed_billing = [payload.parse_billing_header(ra[i]) for i in extra_a]
                 if any(removed_billing):
                     reason += " (billing block)"
-                self._break(Change(PREFIX_BREAK, f"system[{where}]", f"system[{where}]", reason, offset=0, excerpt=ex), "system", where)
+                self._break(
+                    Change(PREFIX_BREAK, f"system[{where}]", f"system[{where}]", reason, offset=0, excerpt=ex),
+                    "system",
+                    where,
+                )
 
     # -- messages ---------------------------------------------------------------------------------
 
@@ -590,14 +688,27 @@ class _Comparer:
         self._messages_aligned(ma, mb)
 
     def _appended(self, message: Any, j: int) -> Change:
-        what = "role:system message appended" if isinstance(message, dict) and message.get("role") == "system" else "message appended"
+        what = (
+            "role:system message appended"
+            if isinstance(message, dict) and message.get("role") == "system"
+            else "message appended"
+        )
         return Change(GROWTH, f"messages[{j}]", f"messages[{j}]", f"{what} ({_describe_message(message)})")
 
     def _removed(self, ma: list[Any], i1: int, i2: int, j: int) -> None:
         text = "".join(render_message(ma[i1])[1])
-        self._break(Change(PREFIX_BREAK, f"messages[{j}]", f"messages[{j}]",
-                           f"{i2 - i1} message(s) removed: messages[{i1}:{i2}] of the previous request",
-                           offset=0, excerpt={"before": "", "old": text[:EXCERPT_MAX], "new": "", "after": ""}), "messages", j)
+        self._break(
+            Change(
+                PREFIX_BREAK,
+                f"messages[{j}]",
+                f"messages[{j}]",
+                f"{i2 - i1} message(s) removed: messages[{i1}:{i2}] of the previous request",
+                offset=0,
+                excerpt={"before": "", "old": text[:EXCERPT_MAX], "new": "", "after": ""},
+            ),
+            "messages",
+            j,
+        )
 
     def _messages_aligned(self, ma: list[Any], mb: list[Any]) -> None:
         ra, rb = [render_message(m) for m in ma], [render_message(m) for m in mb]
@@ -616,9 +727,18 @@ class _Comparer:
                 roles = {m.get("role") if isinstance(m, dict) else None for m in mb[j1:j2]}
                 what = "role:system message" if roles == {"system"} else "message"
                 text = "".join(rb[j1][1])
-                self._break(Change(PREFIX_BREAK, f"messages[{j1}]", f"messages[{j1}]",
-                                   f"{j2 - j1} {what}(s) inserted before existing messages ({_describe_message(mb[j1])})",
-                                   offset=0, excerpt={"before": "", "old": "", "new": text[:EXCERPT_MAX], "after": ""}), "messages", j1)
+                self._break(
+                    Change(
+                        PREFIX_BREAK,
+                        f"messages[{j1}]",
+                        f"messages[{j1}]",
+                        f"{j2 - j1} {what}(s) inserted before existing messages ({_describe_message(mb[j1])})",
+                        offset=0,
+                        excerpt={"before": "", "old": "", "new": text[:EXCERPT_MAX], "after": ""},
+                    ),
+                    "messages",
+                    j1,
+                )
                 continue
             if op == "delete":
                 self._removed(ma, i1, i2, j1)
@@ -635,9 +755,18 @@ class _Comparer:
                     for j in range(start, j2):
                         self.changes.append(self._appended(mb[j], j))
                 else:
-                    self._break(Change(PREFIX_BREAK, f"messages[{start}]", f"messages[{start}]",
-                                       f"{j2 - start} message(s) inserted before existing messages ({_describe_message(mb[start])})", offset=0),
-                                "messages", start)
+                    self._break(
+                        Change(
+                            PREFIX_BREAK,
+                            f"messages[{start}]",
+                            f"messages[{start}]",
+                            f"{j2 - start} message(s) inserted before existing messages "
+                            f"({_describe_message(mb[start])})",
+                            offset=0,
+                        ),
+                        "messages",
+                        start,
+                    )
 
     def _message_pair(self, ma: list[Any], mb: list[Any], ra: list[Any], rb: list[Any], i: int, j: int) -> None:
         a, b = ma[i], mb[j]
@@ -646,14 +775,30 @@ class _Comparer:
             self.changes.append(self._json_only(["messages", j], a, b, section="messages"))
             return
         # the last message of the previous request grew new blocks: still append-only
-        if i == len(ma) - 1 and role_a == role_b and blocks_b[:len(blocks_a)] == blocks_a:
-            self.changes.append(Change(GROWTH, f"messages[{j}].content[{len(blocks_a)}]", f"messages[{j}]",
-                                       f"{len(blocks_b) - len(blocks_a)} block(s) appended to the last message"))
+        if i == len(ma) - 1 and role_a == role_b and blocks_b[: len(blocks_a)] == blocks_a:
+            self.changes.append(
+                Change(
+                    GROWTH,
+                    f"messages[{j}].content[{len(blocks_a)}]",
+                    f"messages[{j}]",
+                    f"{len(blocks_b) - len(blocks_a)} block(s) appended to the last message",
+                )
+            )
             return
         if role_a != role_b:
             ta, tb = "".join(blocks_a), "".join(blocks_b)
-            self._break(Change(PREFIX_BREAK, f"messages[{j}].role", f"messages[{j}]", f"role changed {role_a} -> {role_b}",
-                               offset=0, excerpt=excerpt(ta, tb, 0)), "messages", j)
+            self._break(
+                Change(
+                    PREFIX_BREAK,
+                    f"messages[{j}].role",
+                    f"messages[{j}]",
+                    f"role changed {role_a} -> {role_b}",
+                    offset=0,
+                    excerpt=excerpt(ta, tb, 0),
+                ),
+                "messages",
+                j,
+            )
             return
         # same role: find the first block that differs in rendered text
         k = next((k for k, (x, y) in enumerate(zip(blocks_a, blocks_b)) if x != y), min(len(blocks_a), len(blocks_b)))
@@ -662,12 +807,30 @@ class _Comparer:
         base_len = sum(len(t) for t in blocks_b[:k])
         if k < len(blocks_a) and k < len(blocks_b):
             if isinstance(content_a, list) and isinstance(content_b, list):
-                change = self._changed_block("messages", i, j, content_a[k], content_b[k], blocks_a[k], blocks_b[k],
-                                             base=["messages", j, "content", k])
+                change = self._changed_block(
+                    "messages",
+                    i,
+                    j,
+                    content_a[k],
+                    content_b[k],
+                    blocks_a[k],
+                    blocks_b[k],
+                    base=["messages", j, "content", k],
+                )
             else:  # string content on one side: compare the messages themselves
-                change = self._changed_block("messages", i, j, a, b, blocks_a[k], blocks_b[k],
-                                             block=f"messages[{j}].content" if not isinstance(content_b, list) else f"messages[{j}].content[{k}]",
-                                             base=["messages", j])
+                change = self._changed_block(
+                    "messages",
+                    i,
+                    j,
+                    a,
+                    b,
+                    blocks_a[k],
+                    blocks_b[k],
+                    block=f"messages[{j}].content"
+                    if not isinstance(content_b, list)
+                    else f"messages[{j}].content[{k}]",
+                    base=["messages", j],
+                )
             change.prefix_chars = self.layout.before("messages", j) + base_len + (change.offset or 0)
             self.changes.append(change)
             return
@@ -692,17 +855,34 @@ class _Comparer:
                 self.changes.append(Change(JSON_ONLY, "model", "model", reason))
                 continue
             if key not in self.prev or key not in self.cur:
-                self.changes.append(Change(JSON_ONLY, key, key, ("added" if key in self.cur else "removed") + " (not rendered)"))
+                self.changes.append(
+                    Change(JSON_ONLY, key, key, ("added" if key in self.cur else "removed") + " (not rendered)")
+                )
                 continue
-            leaves = deep_changes(a, b, ignore_cache_control=False) if isinstance(a, (dict, list)) and isinstance(b, (dict, list)) else []
+            leaves = (
+                deep_changes(a, b, ignore_cache_control=False)
+                if isinstance(a, (dict, list)) and isinstance(b, (dict, list))
+                else []
+            )
             path = format_path([key, *leaves[0][0]]) if leaves else key
-            self.changes.append(Change(JSON_ONLY, path, key, (leaves[0][1] if leaves else "value changed") + " (not rendered)",
-                                       details=[f"{format_path([key, *e])}: {w}" for e, w in leaves[:8]]))
+            self.changes.append(
+                Change(
+                    JSON_ONLY,
+                    path,
+                    key,
+                    (leaves[0][1] if leaves else "value changed") + " (not rendered)",
+                    details=[f"{format_path([key, *e])}: {w}" for e, w in leaves[:8]],
+                )
+            )
 
 
 def _text_only_change(a: Any, b: Any) -> list[tuple[list[Any], str]] | None:
     """Fast path for the most common break (a text block whose text changed): no deepdiff needed."""
-    if not (isinstance(a, dict) and isinstance(b, dict)) or not isinstance(a.get("text"), str) or not isinstance(b.get("text"), str):
+    if (
+        not (isinstance(a, dict) and isinstance(b, dict))
+        or not isinstance(a.get("text"), str)
+        or not isinstance(b.get("text"), str)
+    ):
         return None
     keys = (a.keys() | b.keys()) - {"text", "cache_control"}
     if any(a.get(k, _MISSING) != b.get(k, _MISSING) for k in keys):
@@ -735,7 +915,9 @@ def compare(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> RequestDiff:
 
 # --- secrets ----------------------------------------------------------------------------------
 
-SECRET_HEADERS = frozenset({"x-api-key", "authorization", "proxy-authorization", "cookie", "set-cookie", "anthropic-api-key"})
+SECRET_HEADERS = frozenset(
+    {"x-api-key", "authorization", "proxy-authorization", "cookie", "set-cookie", "anthropic-api-key"}
+)
 # Any other header whose name says it carries a credential (x-goog-api-key, api-key, x-auth-token...).
 _SECRET_HEADER_NAME = re.compile(r"key|token|secret|auth|cookie|passw(or)?d|credential", re.IGNORECASE)
 REDACTED = "[REDACTED]"
@@ -743,6 +925,8 @@ REDACTED = "[REDACTED]"
 
 def is_secret_header(name: str) -> bool:
     return name.lower() in SECRET_HEADERS or bool(_SECRET_HEADER_NAME.search(name))
+
+
 _SECRET_PATTERNS = re.compile(r"sk-ant-[A-Za-z0-9_\-]{4,}|(?i:bearer)\s+[A-Za-z0-9._~+/=\-]{8,}")
 
 
@@ -788,8 +972,12 @@ class Redactor:
 # --- per-conversation tracking ----------------------------------------------------------------
 
 
-def identify(body: Mapping[str, Any], headers: Mapping[str, str] | None = None, *,
-             dropped: Iterable[Mapping[str, Any] | str] = ()) -> payload.RequestIdentity:
+def identify(
+    body: Mapping[str, Any],
+    headers: Mapping[str, str] | None = None,
+    *,
+    dropped: Iterable[Mapping[str, Any] | str] = (),
+) -> payload.RequestIdentity:
     """`payload.identify`, also for a body whose billing block a proxy removed.
 
     `dropped` holds what normalize removed (its `{"where", "reason", "text"}` records or texts): a
@@ -864,9 +1052,15 @@ class ConversationStats:
     recent_breaks: deque = field(default_factory=lambda: deque(maxlen=20))
 
     def ranked_blocks(self) -> list[dict[str, Any]]:
-        return [{"block": b, "changed": n, "requests": self.requests,
-                 "text": f"{b} changed in {n} of {self.requests} requests"}
-                for b, n in sorted(self.changed_blocks.items(), key=lambda kv: (-kv[1], kv[0]))]
+        return [
+            {
+                "block": b,
+                "changed": n,
+                "requests": self.requests,
+                "text": f"{b} changed in {n} of {self.requests} requests",
+            }
+            for b, n in sorted(self.changed_blocks.items(), key=lambda kv: (-kv[1], kv[0]))
+        ]
 
     def to_dict(self, *, with_history: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -902,9 +1096,16 @@ class StabilityTracker:
         self._stats: OrderedDict[str, ConversationStats] = OrderedDict()
         self._lock = threading.RLock()
 
-    def observe(self, body: Mapping[str, Any], headers: Mapping[str, str] | None = None, *,
-                label: str | None = None, size: int | None = None, extra: Mapping[str, Any] | None = None,
-                dropped: Iterable[Mapping[str, Any] | str] = ()) -> Observation:
+    def observe(
+        self,
+        body: Mapping[str, Any],
+        headers: Mapping[str, str] | None = None,
+        *,
+        label: str | None = None,
+        size: int | None = None,
+        extra: Mapping[str, Any] | None = None,
+        dropped: Iterable[Mapping[str, Any] | str] = (),
+    ) -> Observation:
         """Compare `body` with the previous request of its conversation and count what changed.
 
         `dropped`: what a proxy removed from the body before (see `identify`). `extra` is merged into
@@ -928,14 +1129,24 @@ class StabilityTracker:
             if stats is None:
                 stats = self._stats[key] = ConversationStats(key, ident.session_id, ident.agent_id, str(ident.kind))
             stats.requests += 1
-            obs = Observation(key, ident, stats.requests, label, prev[2] if prev else None, diff,
-                              (time.perf_counter() - started) * 1000, size)
+            obs = Observation(
+                key,
+                ident,
+                stats.requests,
+                label,
+                prev[2] if prev else None,
+                diff,
+                (time.perf_counter() - started) * 1000,
+                size,
+            )
             if diff is not None:
                 stats.compared += 1
                 breaks = diff.prefix_breaks
                 if breaks:
                     stats.requests_with_breaks += 1
-                    stats.recent_breaks.append({"index": obs.index, "label": label, "breaks": [c.to_dict() for c in breaks]})
+                    stats.recent_breaks.append(
+                        {"index": obs.index, "label": label, "breaks": [c.to_dict() for c in breaks]}
+                    )
                 stats.prefix_breaks += len(breaks)
                 stats.growth += len(diff.growth)
                 stats.json_only += len(diff.json_only)
@@ -970,8 +1181,10 @@ class StabilityTracker:
                     "prefix_breaks": sum(c.prefix_breaks for c in convs),
                     "json_only": sum(c.json_only for c in convs),
                 },
-                "volatile_blocks": [{"block": b, "changed": n, "conversations": spread[b]}
-                                    for b, n in sorted(overall.items(), key=lambda kv: (-kv[1], kv[0]))],
+                "volatile_blocks": [
+                    {"block": b, "changed": n, "conversations": spread[b]}
+                    for b, n in sorted(overall.items(), key=lambda kv: (-kv[1], kv[0]))
+                ],
                 "conversations": [c.to_dict(with_history=self.keep_history) for c in convs],
             }
 
@@ -1003,23 +1216,34 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     ]
     if summary.get("volatile_blocks"):
         lines += ["## Volatile blocks", "", "| block | prefix breaks | conversations |", "| --- | --- | --- |"]
-        lines += [f"| `{_md(v['block'])}` | {v['changed']} | {v['conversations']} |" for v in summary["volatile_blocks"]]
+        lines += [
+            f"| `{_md(v['block'])}` | {v['changed']} | {v['conversations']} |" for v in summary["volatile_blocks"]
+        ]
         lines.append("")
     lines += ["## Conversations", ""]
     for c in summary["conversations"]:
         n = c["counts"]
-        lines += [f"### `{_md(c['key'])}` ({c['kind']})", "",
-                  f"{_n(n['requests'], 'request')}, {n['requests_with_prefix_breaks']} with prefix breaks, "
-                  f"{n['growth']} appended, {_n(n['json_only'], 'JSON-only change')}.", ""]
+        lines += [
+            f"### `{_md(c['key'])}` ({c['kind']})",
+            "",
+            f"{_n(n['requests'], 'request')}, {n['requests_with_prefix_breaks']} with prefix breaks, "
+            f"{n['growth']} appended, {_n(n['json_only'], 'JSON-only change')}.",
+            "",
+        ]
         if c["volatile_blocks"]:
-            lines += [f"- `{_md(v['block'])}` changed in {v['changed']} of {v['requests']} requests" for v in c["volatile_blocks"]]
+            lines += [
+                f"- `{_md(v['block'])}` changed in {v['changed']} of {v['requests']} requests"
+                for v in c["volatile_blocks"]
+            ]
             lines.append("")
         requests = c.get("requests")
         if requests:
             lines += ["| # | request | result |", "| --- | --- | --- |"]
             for r in requests:
                 if r["prefix_breaks"]:
-                    text = "; ".join(f"**break** `{_md(b['path'])}` @{b['offset']}: {_md(b['reason'])}" for b in r["prefix_breaks"])
+                    text = "; ".join(
+                        f"**break** `{_md(b['path'])}` @{b['offset']}: {_md(b['reason'])}" for b in r["prefix_breaks"]
+                    )
                 else:
                     text = _md(r["summary"])
                 lines.append(f"| {r['index']} | {_md(r.get('source') or r.get('label') or '')} | {text} |")
@@ -1028,7 +1252,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             lines += ["Recent breaks:", ""]
             for rb in c["recent_breaks"]:
                 for b in rb["breaks"]:
-                    lines.append(f"- request {rb['index']} ({_md(rb.get('label') or '')}): `{_md(b['path'])}` @{b['offset']}: {_md(b['reason'])}")
+                    lines.append(
+                        f"- request {rb['index']} ({_md(rb.get('label') or '')}): `{_md(b['path'])}` @{b['offset']}: "
+                        f"{_md(b['reason'])}"
+                    )
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -1060,7 +1287,9 @@ def _oneline(text: str, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _original_system(system: Any, dropped: Sequence[Mapping[str, Any]]) -> list[tuple[int, Any, Mapping[str, Any] | None]]:
+def _original_system(
+    system: Any, dropped: Sequence[Mapping[str, Any]]
+) -> list[tuple[int, Any, Mapping[str, Any] | None]]:
     """System blocks in the client's indexing: the forwarded blocks with normalize's drops put back."""
     blocks = _system_blocks(system)
     by_index: dict[int, Mapping[str, Any]] = {}
@@ -1086,9 +1315,12 @@ def _original_system(system: Any, dropped: Sequence[Mapping[str, Any]]) -> list[
 
 
 def _change_lines(change: Mapping[str, Any], indent: str = "  ") -> list[str]:
-    lines = [f"{indent}{change['path']}" + (f" @{change['offset']}" if change.get("offset") is not None else "")
-             + (f" ({change['prefix_chars']} chars before it unchanged)" if change.get("prefix_chars") is not None else "")
-             + f": {change['reason']}"]
+    lines = [
+        f"{indent}{change['path']}"
+        + (f" @{change['offset']}" if change.get("offset") is not None else "")
+        + (f" ({change['prefix_chars']} chars before it unchanged)" if change.get("prefix_chars") is not None else "")
+        + f": {change['reason']}"
+    ]
     ex = change.get("excerpt")
     if ex:
         before = " ".join(ex.get("before", "").split())[-40:]
@@ -1097,8 +1329,14 @@ def _change_lines(change: Mapping[str, Any], indent: str = "  ") -> list[str]:
     return lines
 
 
-def describe_request(body: Mapping[str, Any], *, headers: Mapping[str, str] | None = None, size: int | None = None,
-                     dropped: Sequence[Mapping[str, Any]] = (), result: Mapping[str, Any] | None = None) -> str:
+def describe_request(
+    body: Mapping[str, Any],
+    *,
+    headers: Mapping[str, str] | None = None,
+    size: int | None = None,
+    dropped: Sequence[Mapping[str, Any]] = (),
+    result: Mapping[str, Any] | None = None,
+) -> str:
     """Plain-text outline of a /v1/messages body: system blocks, tools, messages, and the stability result."""
     ident = payload.identify(body, headers)
     lines: list[str] = []
@@ -1135,7 +1373,10 @@ def describe_request(body: Mapping[str, Any], *, headers: Mapping[str, str] | No
             forwarded_index += 1
         if payload.parse_billing_header(text) and d is None:
             flags.append("billing block")
-        lines.append(f"  [{index_}] {len(text):>7} chars  {short_hash(text)}  {_oneline(text, 50)!r}" + (f"  <- {'; '.join(flags)}" if flags else ""))
+        lines.append(
+            f"  [{index_}] {len(text):>7} chars  {short_hash(text)}  {_oneline(text, 50)!r}"
+            + (f"  <- {'; '.join(flags)}" if flags else "")
+        )
     for d in dropped or ():
         if not str(d.get("where", "")).startswith("system["):
             lines.append(f"  {d.get('where')}: DROPPED by normalize ({d.get('reason', '')})")
@@ -1143,27 +1384,47 @@ def describe_request(body: Mapping[str, Any], *, headers: Mapping[str, str] | No
     if tools:
         tools_json = sum(len(render_tool(t)) for t in tools)
         names = [_tool_name(t) for t in tools]
-        lines.append(f"tools: {len(tools)} tools, {_size(tools_json)} JSON, hash {short_hash(''.join(render_tool(t) for t in tools))}")
+        lines.append(
+            f"tools: {len(tools)} tools, {_size(tools_json)} JSON, hash "
+            f"{short_hash(''.join(render_tool(t) for t in tools))}"
+        )
         lines.append("  " + ", ".join(names[:40]) + (f", … ({len(names) - 40} more)" if len(names) > 40 else ""))
     else:
         lines.append("tools: none (a side request)")
     messages = _as_list(body.get("messages"))
     roles = Counter(str(m.get("role")) if isinstance(m, dict) else "?" for m in messages)
-    kinds = Counter(str(b.get("type", "?")) if isinstance(b, dict) else "string" for m in messages for b in message_blocks(m))
-    lines.append(f"messages: {len(messages)} ({', '.join(f'{r} {n}' for r, n in roles.items())}); blocks: "
-                 + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+    kinds = Counter(
+        str(b.get("type", "?")) if isinstance(b, dict) else "string" for m in messages for b in message_blocks(m)
+    )
+    lines.append(
+        f"messages: {len(messages)} ({', '.join(f'{r} {n}' for r, n in roles.items())}); blocks: "
+        + ", ".join(f"{k} {n}" for k, n in kinds.most_common())
+    )
     if len(messages) <= 60:
         shown: list[tuple[int | None, Any]] = list(enumerate(messages))
     else:
-        shown = [*enumerate(messages[:10]), (None, None), *((len(messages) - 40 + i, m) for i, m in enumerate(messages[-40:]))]
+        shown = [
+            *enumerate(messages[:10]),
+            (None, None),
+            *((len(messages) - 40 + i, m) for i, m in enumerate(messages[-40:])),
+        ]
     for real, m in shown:
         if real is None:
             lines.append(f"  … {len(messages) - 50} messages not shown …")
             continue
         rendered = render_message(m)[1]
         types = [str(b.get("type", "?")) if isinstance(b, dict) else "string" for b in message_blocks(m)]
-        cc = " cache_control" if isinstance(m, dict) and isinstance(m.get("content"), list) and any(isinstance(b, dict) and b.get("cache_control") for b in m["content"]) else ""
-        lines.append(f"  [{real}] {str(m.get('role') if isinstance(m, dict) else '?'):<9} {', '.join(types)} ({sum(len(t) for t in rendered)} chars){cc}")
+        cc = (
+            " cache_control"
+            if isinstance(m, dict)
+            and isinstance(m.get("content"), list)
+            and any(isinstance(b, dict) and b.get("cache_control") for b in m["content"])
+            else ""
+        )
+        lines.append(
+            f"  [{real}] {str(m.get('role') if isinstance(m, dict) else '?'):<9} {', '.join(types)} "
+            f"({sum(len(t) for t in rendered)} chars){cc}"
+        )
     lines.append("")
 
     if result is None:
@@ -1172,7 +1433,10 @@ def describe_request(body: Mapping[str, Any], *, headers: Mapping[str, str] | No
     if result.get("first") or not result.get("compared_to"):
         lines.append("diff: first request of this conversation seen by the proxy")
     else:
-        lines.append(f"diff to the previous request of this conversation (flow {result.get('compared_to')}): {result.get('summary', '')}")
+        lines.append(
+            f"diff to the previous request of this conversation (flow {result.get('compared_to')}): "
+            f"{result.get('summary', '')}"
+        )
     breaks = result.get("prefix_breaks") or []
     if breaks:
         lines.append(f"PREFIX BREAKS ({len(breaks)}):")
@@ -1186,5 +1450,8 @@ def describe_request(body: Mapping[str, Any], *, headers: Mapping[str, str] | No
         lines.append(f"JSON-only, not rendered ({len(notes)}):")
         lines += [f"  {c['path']}: {c['reason']}" for c in notes[:20]]
     if result.get("normalize_dropped"):
-        lines.append("normalize dropped before forwarding: " + "; ".join(f"{d.get('where')} ({d.get('reason')})" for d in result["normalize_dropped"]))
+        lines.append(
+            "normalize dropped before forwarding: "
+            + "; ".join(f"{d.get('where')} ({d.get('reason')})" for d in result["normalize_dropped"])
+        )
     return "\n".join(lines) + "\n"

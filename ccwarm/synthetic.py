@@ -57,7 +57,9 @@ def text_of_size(rng: random.Random, size: int) -> str:
 
 
 def _schema_property(rng: random.Random, depth: int = 0) -> dict[str, Any]:
-    kind = rng.choice(["string", "string", "integer", "boolean", "array", "object"] if depth < 2 else ["string", "integer"])
+    kind = rng.choice(
+        ["string", "string", "integer", "boolean", "array", "object"] if depth < 2 else ["string", "integer"]
+    )
     prop: dict[str, Any] = {"type": kind, "description": _sentence(rng, 10, 30)}
     if kind == "array":
         prop["items"] = _schema_property(rng, depth + 1)
@@ -149,7 +151,9 @@ class SessionGenerator:
 
     # -- pieces ---------------------------------------------------------------------------------
 
-    def system(self, body_hash: str | None, *, subagent: bool = False, instructions: str | None = None) -> list[dict[str, Any]]:
+    def system(
+        self, body_hash: str | None, *, subagent: bool = False, instructions: str | None = None
+    ) -> list[dict[str, Any]]:
         # The cc_version suffix derives from the first user message: sub-agents get their own.
         suffix = self._version_suffix if not subagent else self._version_suffix[::-1]
         return [
@@ -174,20 +178,52 @@ class SessionGenerator:
     def metadata(self) -> dict[str, str]:
         return {"user_id": json.dumps({"device_id": self.device_id, "account_uuid": "", "session_id": self.session_id})}
 
-    def request(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None, label: str,
-                subagent: bool = False, instructions: str | None = None, agent_id: str | None = None,
-                **fields: Any) -> Request:
+    def request(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None,
+        label: str,
+        subagent: bool = False,
+        instructions: str | None = None,
+        agent_id: str | None = None,
+        **fields: Any,
+    ) -> Request:
         """The request Claude Code would send for this history; `fields` override body keys (max_tokens, ...)."""
         body = self._body(messages, tools=tools)
         body.update(fields)
         return self._finish(body, subagent=subagent, label=label, agent_id=agent_id, instructions=instructions)
 
-    def _finish(self, body: dict[str, Any], *, subagent: bool = False, label: str, agent_id: str | None = None,
-                instructions: str | None = None) -> Request:
+    def _finish(
+        self,
+        body: dict[str, Any],
+        *,
+        subagent: bool = False,
+        label: str,
+        agent_id: str | None = None,
+        instructions: str | None = None,
+    ) -> Request:
         # cch is derived from the body, so it changes on every request, as in the versions that send it.
-        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:5] if self.spec.with_cch else None
+        digest = (
+            hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:5] if self.spec.with_cch else None
+        )
         body["system"] = self.system(digest, subagent=subagent, instructions=instructions)
-        ordered = {k: body[k] for k in ("model", "messages", "system", "tools", "metadata", "max_tokens", "thinking", "context_management", "output_config", "stream") if k in body}
+        ordered = {
+            k: body[k]
+            for k in (
+                "model",
+                "messages",
+                "system",
+                "tools",
+                "metadata",
+                "max_tokens",
+                "thinking",
+                "context_management",
+                "output_config",
+                "stream",
+            )
+            if k in body
+        }
         return Request(body=ordered, headers=self.headers(agent_id), label=label)
 
     @staticmethod
@@ -240,11 +276,25 @@ class SessionGenerator:
         for turn in range(2, self.spec.turns + 1):
             tool = self.rng.choice(self.tools[:6])
             tool_id = f"toolu_{hashlib.sha256(f'{self.spec.seed}-{turn}'.encode()).hexdigest()[:24]}"
-            msgs.append({"role": "assistant", "content": [
-                {"type": "text", "text": _sentence(self.rng)},
-                {"type": "tool_use", "id": tool_id, "name": tool["name"], "input": {"path": f"src/{self.rng.choice(_WORDS)}.py"}},
-            ]})
-            result = {"type": "tool_result", "tool_use_id": tool_id, "content": text_of_size(self.rng, self.rng.randint(400, 3000))}
+            msgs.append(
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": _sentence(self.rng)},
+                        {
+                            "type": "tool_use",
+                            "id": tool_id,
+                            "name": tool["name"],
+                            "input": {"path": f"src/{self.rng.choice(_WORDS)}.py"},
+                        },
+                    ],
+                }
+            )
+            result = {
+                "type": "tool_result",
+                "tool_use_id": tool_id,
+                "content": text_of_size(self.rng, self.rng.randint(400, 3000)),
+            }
             if turn == 4:
                 result["is_error"] = True
             msgs.append({"role": "user", "content": [result]})
@@ -256,26 +306,61 @@ class SessionGenerator:
 
     def title_request(self) -> Request:
         """A side request: no tools, a JSON-schema output format, its own short system text."""
-        body = self._body([{"role": "user", "content": "Look at the project and tell me what the build does."}], tools=None)
+        body = self._body(
+            [{"role": "user", "content": "Look at the project and tell me what the build does."}], tools=None
+        )
         body["max_tokens"] = 512
-        body["output_config"] = {"format": {"type": "json_schema", "schema": {
-            "type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"], "additionalProperties": False}}}
-        return self._finish(body, label="side: title", instructions="Generate a concise title for this conversation. Answer with JSON.")
+        body["output_config"] = {
+            "format": {
+                "type": "json_schema",
+                "schema": {
+                    "type": "object",
+                    "properties": {"title": {"type": "string"}},
+                    "required": ["title"],
+                    "additionalProperties": False,
+                },
+            }
+        }
+        return self._finish(
+            body, label="side: title", instructions="Generate a concise title for this conversation. Answer with JSON."
+        )
 
     def subagent_requests(self, turns: int = 2) -> list[Request]:
         """A sub-agent: a different system prompt and a subset of the tools, its own agent id."""
         agent_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
         instructions = text_of_size(self.rng, self.spec.system_bytes // 3)
         tools = self.tools[:8]
-        msgs: list[dict[str, Any]] = [{"role": "user", "content": "Find every place that reads the build configuration."}]
+        msgs: list[dict[str, Any]] = [
+            {"role": "user", "content": "Find every place that reads the build configuration."}
+        ]
         out = []
         for turn in range(1, turns + 1):
-            out.append(self.request(msgs, tools=tools, subagent=True, instructions=instructions,
-                                    label=f"subagent {turn}", agent_id=agent_id))
+            out.append(
+                self.request(
+                    msgs,
+                    tools=tools,
+                    subagent=True,
+                    instructions=instructions,
+                    label=f"subagent {turn}",
+                    agent_id=agent_id,
+                )
+            )
             tool_id = f"toolu_sub{turn:021d}"
             msgs = msgs + [
-                {"role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": "Grep", "input": {"pattern": "config"}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": [{"type": "text", "text": text_of_size(self.rng, 600)}]}]},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": tool_id, "name": "Grep", "input": {"pattern": "config"}}],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": tool_id,
+                            "content": [{"type": "text", "text": text_of_size(self.rng, 600)}],
+                        }
+                    ],
+                },
             ]
         return out
 

@@ -28,8 +28,19 @@ from typing import Any
 from ccwarm.claude_cli import CLAUDE_CODE_VERSION
 from ccwarm.synthetic import Request, make_tool, text_of_size
 
-MAIN_TOOLS = ("Agent", "Bash", "Edit", "ListAgents", "Read", "ReportFindings", "ScheduleWakeup", "Skill",
-              "ToolSearch", "Workflow", "Write")
+MAIN_TOOLS = (
+    "Agent",
+    "Bash",
+    "Edit",
+    "ListAgents",
+    "Read",
+    "ReportFindings",
+    "ScheduleWakeup",
+    "Skill",
+    "ToolSearch",
+    "Workflow",
+    "Write",
+)
 INTERACTIVE_TOOLS = ("AskUserQuestion",)
 SUBAGENT_TOOLS = ("Agent", "Bash", "Edit", "Read", "Skill", "ToolSearch", "Write")
 PLACEHOLDER = "DeferredToolPlaceholder"
@@ -64,11 +75,16 @@ class CurrentSession:
         self.base_tools = self._tools(names, self.spec.tools_json_bytes)
         self.deferred = {n: {**make_tool(self.rng, n, 900), "defer_loading": True} for n in DEFERRED}
         self.loaded: list[str] = []
-        self.identity = ("You are Claude Code, Anthropic's official CLI for Claude." if self.spec.interactive
-                         else "You are a Claude agent, built on Anthropic's Claude Agent SDK.")
+        self.identity = (
+            "You are Claude Code, Anthropic's official CLI for Claude."
+            if self.spec.interactive
+            else "You are a Claude agent, built on Anthropic's Claude Agent SDK."
+        )
         self.instructions = "\n" + text_of_size(self.rng, self.spec.instructions_bytes)
         self.environment = "# Environment\n" + text_of_size(self.rng, self.spec.environment_bytes)
-        self.classifier_prompt = CLASSIFIER_SYSTEM + "\n\n## Context\n\n" + text_of_size(self.rng, self.spec.classifier_bytes)
+        self.classifier_prompt = (
+            CLASSIFIER_SYSTEM + "\n\n## Context\n\n" + text_of_size(self.rng, self.spec.classifier_bytes)
+        )
         self.entrypoint = "cli" if self.spec.interactive else "sdk-cli"
         self._index = 0  # requests sent, for the first-party per-request fields
         self._prev_req: str | None = None
@@ -83,8 +99,12 @@ class CurrentSession:
             extra = int(room * w / (sum(weights) or 1.0))
             if extra > 2:
                 tool["description"] += "\n\n" + text_of_size(self.rng, extra - 2)
-        placeholder = {"name": PLACEHOLDER, "description": "Placeholder for tools loaded later.", "defer_loading": True,
-                       "input_schema": {"type": "object", "properties": {}}}
+        placeholder = {
+            "name": PLACEHOLDER,
+            "description": "Placeholder for tools loaded later.",
+            "defer_loading": True,
+            "input_schema": {"type": "object", "properties": {}},
+        }
         return tools[:-1] + [placeholder, tools[-1]]  # the CLI lists the placeholder before Write
 
     def tools(self, base: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
@@ -103,35 +123,54 @@ class CurrentSession:
             fields.append("cc_is_subagent=true")
         if self.spec.first_party:
             digest = hashlib.sha256(f"{self.spec.seed}-{self._index}".encode()).hexdigest()
-            fields += [f"cch={digest[:5]}", f"cc_prompt_id={digest[5:13]}", "cc_turn_origin=user",
-                       f"cc_prompt_index={self._index}", f"cc_turn_index={self._index}"]
+            fields += [
+                f"cch={digest[:5]}",
+                f"cc_prompt_id={digest[5:13]}",
+                "cc_turn_origin=user",
+                f"cc_prompt_index={self._index}",
+                f"cc_turn_index={self._index}",
+            ]
             if self._prev_req:
                 fields.append(f"cc_prev_req={self._prev_req}")
         return "x-anthropic-billing-header: " + "; ".join(fields) + ";"
 
-    def system(self, suffix: str, instructions: str, *, subagent: bool = False, identity: str | None = None) -> list[dict[str, Any]]:
+    def system(
+        self, suffix: str, instructions: str, *, subagent: bool = False, identity: str | None = None
+    ) -> list[dict[str, Any]]:
         eph = {"type": "ephemeral"}
-        blocks = [{"type": "text", "text": self.billing(suffix, subagent=subagent)},
-                  {"type": "text", "text": identity or self.identity, "cache_control": eph}]
+        blocks = [
+            {"type": "text", "text": self.billing(suffix, subagent=subagent)},
+            {"type": "text", "text": identity or self.identity, "cache_control": eph},
+        ]
         if self.spec.first_party:  # the instructions split in two, the shared half marked global
             half = len(instructions) // 2
-            return blocks + [{"type": "text", "text": instructions[:half], "cache_control": {**eph, "scope": "global"}},
-                             {"type": "text", "text": instructions[half:], "cache_control": eph}]
+            return blocks + [
+                {"type": "text", "text": instructions[:half], "cache_control": {**eph, "scope": "global"}},
+                {"type": "text", "text": instructions[half:], "cache_control": eph},
+            ]
         return blocks + [{"type": "text", "text": instructions, "cache_control": eph}]
 
     def headers(self, agent_id: str | None = None) -> dict[str, str]:
-        h = {"anthropic-version": "2023-06-01",
-             "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,"
-                               "advanced-tool-use-2025-11-20,effort-2025-11-24",
-             "x-app": "cli", "user-agent": f"claude-cli/{CLAUDE_CODE_VERSION} (external, {self.entrypoint})",
-             "X-Claude-Code-Session-Id": self.session_id, "x-api-key": "sk-ant-test-secret"}
+        h = {
+            "anthropic-version": "2023-06-01",
+            "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,"
+            "advanced-tool-use-2025-11-20,effort-2025-11-24",
+            "x-app": "cli",
+            "user-agent": f"claude-cli/{CLAUDE_CODE_VERSION} (external, {self.entrypoint})",
+            "X-Claude-Code-Session-Id": self.session_id,
+            "x-api-key": "sk-ant-test-secret",
+        }
         if agent_id:
             h["x-claude-code-agent-id"] = agent_id
         return h
 
     def metadata(self) -> dict[str, str]:
-        return {"user_id": json.dumps({"device_id": hashlib.sha256(b"dev").hexdigest(), "account_uuid": "",
-                                       "session_id": self.session_id}, separators=(",", ":"))}
+        return {
+            "user_id": json.dumps(
+                {"device_id": hashlib.sha256(b"dev").hexdigest(), "account_uuid": "", "session_id": self.session_id},
+                separators=(",", ":"),
+            )
+        }
 
     @staticmethod
     def newest_marked(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -158,19 +197,38 @@ class CurrentSession:
             body["diagnostics"] = {"previous_message_id": f"msg_{self._prev_req[4:]}"}
         return Request(body=body, headers=self.headers(agent_id), label=label)
 
-    def _main_body(self, messages: list[dict[str, Any]], system: list[dict[str, Any]], tools: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"model": "claude-opus-5-5", "messages": self.newest_marked(messages), "system": system, "tools": tools,
-                "metadata": self.metadata(), "max_tokens": 128000,
-                "thinking": {"type": "adaptive", "display": "updates" if self.spec.interactive else "omitted"},
-                "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
-                "output_config": {"effort": "medium"}, "stream": True}
+    def _main_body(
+        self, messages: list[dict[str, Any]], system: list[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        return {
+            "model": "claude-opus-5-5",
+            "messages": self.newest_marked(messages),
+            "system": system,
+            "tools": tools,
+            "metadata": self.metadata(),
+            "max_tokens": 128000,
+            "thinking": {"type": "adaptive", "display": "updates" if self.spec.interactive else "omitted"},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+            "output_config": {"effort": "medium"},
+            "stream": True,
+        }
 
     def first_user(self, prompt: str) -> dict[str, Any]:
-        context = (f"<system-reminder>\nAs you answer the user's questions, you can use the following context:\n"
-                   f"# gitStatus\n{text_of_size(self.rng, 400)}\n</system-reminder>")
-        attribution = f"<system-reminder>\nAttribution for git commits:\n{text_of_size(self.rng, 500)}\n</system-reminder>\n"
-        return {"role": "user", "content": [{"type": "text", "text": context}, {"type": "text", "text": attribution},
-                                            {"type": "text", "text": prompt}]}
+        context = (
+            f"<system-reminder>\nAs you answer the user's questions, you can use the following context:\n"
+            f"# gitStatus\n{text_of_size(self.rng, 400)}\n</system-reminder>"
+        )
+        attribution = (
+            f"<system-reminder>\nAttribution for git commits:\n{text_of_size(self.rng, 500)}\n</system-reminder>\n"
+        )
+        return {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": context},
+                {"type": "text", "text": attribution},
+                {"type": "text", "text": prompt},
+            ],
+        }
 
     def system_message(self, text: str) -> dict[str, Any]:
         return {"role": "system", "content": [{"type": "text", "text": text}], "output_config": {"effort": "medium"}}
@@ -190,24 +248,33 @@ class CurrentSession:
 
     @staticmethod
     def tool_use(tool_id: str, name: str, args: dict[str, Any], text: str | None = None) -> dict[str, Any]:
-        content = ([{"type": "text", "text": text}] if text else []) + [{"type": "tool_use", "id": tool_id, "name": name, "input": args}]
+        content = ([{"type": "text", "text": text}] if text else []) + [
+            {"type": "tool_use", "id": tool_id, "name": name, "input": args}
+        ]
         return {"role": "assistant", "content": content}
 
     @staticmethod
     def tool_result(tool_id: str, content: Any, *extra: dict[str, Any]) -> dict[str, Any]:
-        return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": content}, *extra]}
+        return {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": tool_id, "content": content}, *extra],
+        }
 
     def tool_search(self, tool_id: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """ToolSearch loading `name`: the call, and the result that from now on adds it to `tools`."""
         self.loaded.append(name)
         call = self.tool_use(tool_id, "ToolSearch", {"query": f"select:{name}"})
-        result = self.tool_result(tool_id, [{"type": "tool_reference", "tool_name": name}], {"type": "text", "text": "Tool loaded."})
+        result = self.tool_result(
+            tool_id, [{"type": "tool_reference", "tool_name": name}], {"type": "text", "text": "Tool loaded."}
+        )
         return call, result
 
     def task_notification(self, agent_id: str, tool_id: str, result: str) -> dict[str, Any]:
-        note = ("<system-reminder>\n[SYSTEM NOTIFICATION - NOT USER INPUT]\nThis is an automated background-task event.\n"
-                f"<task-notification>\n<task-id>{agent_id}</task-id>\n<tool-use-id>{tool_id}</tool-use-id>\n"
-                f"<status>completed</status>\n<result>{result}</result>\n</task-notification>\n</system-reminder>")
+        note = (
+            "<system-reminder>\n[SYSTEM NOTIFICATION - NOT USER INPUT]\nThis is an automated background-task event.\n"
+            f"<task-notification>\n<task-id>{agent_id}</task-id>\n<tool-use-id>{tool_id}</tool-use-id>\n"
+            f"<status>completed</status>\n<result>{result}</result>\n</task-notification>\n</system-reminder>"
+        )
         used = "<system-reminder>\n<tools-used-before-summary>Read</tools-used-before-summary>\n</system-reminder>"
         return {"role": "user", "content": [{"type": "text", "text": used}, {"type": "text", "text": note}]}
 
@@ -220,29 +287,49 @@ class CurrentSession:
         tools = self._tools(SUBAGENT_TOOLS, 16_000) if not hasattr(self, "_sub_tools") else self._sub_tools
         self._sub_tools = tools
         suffix = self.suffix(prompt)
-        msgs = [self.first_user(prompt), self.system_message("The following deferred tools are now available via ToolSearch. "
-                                                             + text_of_size(self.rng, 7000))]
+        msgs = [
+            self.first_user(prompt),
+            self.system_message(
+                "The following deferred tools are now available via ToolSearch. " + text_of_size(self.rng, 7000)
+            ),
+        ]
         out = []
         for turn in range(turns):
             body = self._main_body(msgs, self.system(suffix, instructions, subagent=True), tools)
             out.append(self._send(body, f"subagent {turn + 1}", agent_id=agent_id))
             tid = f"toolu_sub{self.spec.seed}{turn:04d}"
-            msgs = msgs + [self.tool_use(tid, "Read", {"file_path": f"notes{turn}.txt"}),
-                           self.tool_result(tid, text_of_size(self.rng, 300))]
+            msgs = msgs + [
+                self.tool_use(tid, "Read", {"file_path": f"notes{turn}.txt"}),
+                self.tool_result(tid, text_of_size(self.rng, 300)),
+            ]
         return out
 
     def classifier(self, transcript: list[dict[str, Any]], stage: int, label: str = "classifier") -> Request:
         """An auto-mode permission check: not streamed, no tools, the transcript as JSON lines."""
         lines = [{"type": "text", "text": "<transcript>\n"}]
-        lines += [{"type": "text", "text": json.dumps(e, separators=(",", ":")) + "\n", "cache_control": {"type": "ephemeral"}}
-                  for e in transcript]
-        lines += [{"type": "text", "text": "</transcript>\n"},
-                  {"type": "text", "text": f"\nStage {stage}: classify the last action. " + text_of_size(self.rng, 500)}]
-        body: dict[str, Any] = {"model": "claude-opus-5-5", "max_tokens": 64 if stage == 1 else 8192,
-                                "system": [{"type": "text", "text": self.billing(self.suffix("classifier"))},
-                                           {"type": "text", "text": self.classifier_prompt, "cache_control": {"type": "ephemeral"}}],
-                                "messages": [{"role": "user", "content": lines}], "thinking": {"type": "disabled"},
-                                "metadata": self.metadata()}
+        lines += [
+            {
+                "type": "text",
+                "text": json.dumps(e, separators=(",", ":")) + "\n",
+                "cache_control": {"type": "ephemeral"},
+            }
+            for e in transcript
+        ]
+        lines += [
+            {"type": "text", "text": "</transcript>\n"},
+            {"type": "text", "text": f"\nStage {stage}: classify the last action. " + text_of_size(self.rng, 500)},
+        ]
+        body: dict[str, Any] = {
+            "model": "claude-opus-5-5",
+            "max_tokens": 64 if stage == 1 else 8192,
+            "system": [
+                {"type": "text", "text": self.billing(self.suffix("classifier"))},
+                {"type": "text", "text": self.classifier_prompt, "cache_control": {"type": "ephemeral"}},
+            ],
+            "messages": [{"role": "user", "content": lines}],
+            "thinking": {"type": "disabled"},
+            "metadata": self.metadata(),
+        }
         if stage == 1:
             body["stop_sequences"] = ["</block>"]
         return self._send(body, label)
@@ -258,11 +345,13 @@ class CurrentSession:
 
     def after_compaction(self, summary: str, prompt: str) -> list[dict[str, Any]]:
         """The conversation that follows /compact: summary, an empty system message, two user turns."""
-        return [{"role": "user", "content": f"{CONTINUED}\n\nSummary:\n{summary}"},
-                {"role": "system", "content": [], "output_config": {"effort": "medium"}},
-                {"role": "assistant", "content": [{"type": "text", "text": "Summary noted."}]},
-                {"role": "user", "content": "<local-command-caveat>/compact ran here.</local-command-caveat>"},
-                {"role": "user", "content": prompt}]
+        return [
+            {"role": "user", "content": f"{CONTINUED}\n\nSummary:\n{summary}"},
+            {"role": "system", "content": [], "output_config": {"effort": "medium"}},
+            {"role": "assistant", "content": [{"type": "text", "text": "Summary noted."}]},
+            {"role": "user", "content": "<local-command-caveat>/compact ran here.</local-command-caveat>"},
+            {"role": "user", "content": prompt},
+        ]
 
     # -- a whole session ------------------------------------------------------------------------
 
@@ -272,34 +361,56 @@ class CurrentSession:
         out: list[Request] = []
         msgs = self.start("Look at the project and tell me what the build does.")
         out.append(self.main(msgs, "main 1", first=True))
-        msgs += [{"role": "assistant", "content": [{"type": "text", "text": "It builds with make."}]},
-                 {"role": "user", "content": "Run the tests."},
-                 {"role": "system", "content": "While bypass permissions mode is active: " + text_of_size(self.rng, 400)}]
+        msgs += [
+            {"role": "assistant", "content": [{"type": "text", "text": "It builds with make."}]},
+            {"role": "user", "content": "Run the tests."},
+            {"role": "system", "content": "While bypass permissions mode is active: " + text_of_size(self.rng, 400)},
+        ]
         out.append(self.main(msgs, "main 2"))
         msgs.append(self.tool_use("toolu_bash1", "Bash", {"command": "make test", "description": "Run tests"}))
         out.append(self.classifier([{"user": "Run the tests."}, {"Bash": "make test"}], 1, "classifier 1"))
         out.append(self.classifier([{"user": "Run the tests."}, {"Bash": "make test"}], 2, "classifier 2"))
         msgs.append(self.tool_result("toolu_bash1", text_of_size(self.rng, 1500)))
         out.append(self.main(msgs, "main 3"))
-        msgs += [{"role": "assistant", "content": [{"type": "text", "text": "Tests pass."}]},
-                 {"role": "user", "content": "Fetch the docs page."}]
+        msgs += [
+            {"role": "assistant", "content": [{"type": "text", "text": "Tests pass."}]},
+            {"role": "user", "content": "Fetch the docs page."},
+        ]
         out.append(self.main(msgs, "main 4"))
         call, result = self.tool_search("toolu_search1", "WebFetch")
         msgs += [call, result]
         out.append(self.main(msgs, "main 5 (WebFetch loaded)"))
         msgs.append(self.tool_use("toolu_fetch1", "WebFetch", {"url": "https://example.invalid/docs"}))
-        out.append(self.classifier([{"user": "Fetch the docs page."}, {"WebFetch": "https://example.invalid/docs"}], 1, "classifier 3"))
+        out.append(
+            self.classifier(
+                [{"user": "Fetch the docs page."}, {"WebFetch": "https://example.invalid/docs"}], 1, "classifier 3"
+            )
+        )
         msgs.append(self.tool_result("toolu_fetch1", text_of_size(self.rng, 2500)))
         out.append(self.main(msgs, "main 6 (WebFetch called)"))
-        msgs += [self.tool_use("toolu_agent1", "Agent", {"description": "Read notes", "prompt": "Read notes.txt and summarise it",
-                                                          "subagent_type": "general-purpose", "run_in_background": True}),
-                 self.tool_result("toolu_agent1", [{"type": "text", "text": "Async agent launched successfully."}])]
+        msgs += [
+            self.tool_use(
+                "toolu_agent1",
+                "Agent",
+                {
+                    "description": "Read notes",
+                    "prompt": "Read notes.txt and summarise it",
+                    "subagent_type": "general-purpose",
+                    "run_in_background": True,
+                },
+            ),
+            self.tool_result("toolu_agent1", [{"type": "text", "text": "Async agent launched successfully."}]),
+        ]
         out.append(self.main(msgs, "main 7 (agent launched)"))
         out += self.subagent("Read notes.txt and summarise it")
-        msgs += [{"role": "assistant", "content": [{"type": "text", "text": "Waiting for the agent."}]},
-                 self.task_notification("agent1", "toolu_agent1", "The notes describe the build.")]
+        msgs += [
+            {"role": "assistant", "content": [{"type": "text", "text": "Waiting for the agent."}]},
+            self.task_notification("agent1", "toolu_agent1", "The notes describe the build."),
+        ]
         out.append(self.main(msgs, "main 8 (task notification)"))
-        msgs.append({"role": "assistant", "content": [{"type": "text", "text": "The agent says the notes describe the build."}]})
+        msgs.append(
+            {"role": "assistant", "content": [{"type": "text", "text": "The agent says the notes describe the build."}]}
+        )
         msgs.append({"role": "user", "content": "Thanks."})
         out.append(self.compaction(msgs))
         after = self.after_compaction("The user asked about the build; tests pass.", "What next?")

@@ -51,8 +51,13 @@ def measure(engine: Engine, n_prompt: int, n_decode: int, seed: int) -> dict[str
             end = time.perf_counter()
             ttft = ev.ttft_s or (first - t0 if first else end - t0)
             decoded = max(ev.output_tokens - 1, 1)
-            return {"prompt_tokens": n_prompt, "ttft_s": ttft, "prefill_tok_s": n_prompt / ttft,
-                    "decode_tok_s": decoded / max(end - t0 - ttft, 1e-9), "output_tokens": ev.output_tokens}
+            return {
+                "prompt_tokens": n_prompt,
+                "ttft_s": ttft,
+                "prefill_tok_s": n_prompt / ttft,
+                "decode_tok_s": decoded / max(end - t0 - ttft, 1e-9),
+                "output_tokens": ev.output_tokens,
+            }
         if isinstance(ev, Started):
             continue
 
@@ -83,12 +88,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 8000, 25000])
     ap.add_argument("--default-sizes", type=int, nargs="*", default=[1000, 8000, 20000])
-    ap.add_argument("--attention", nargs="+", choices=("auto", "numpy", "mlx"), default=["numpy", "mlx"],
-                    help="attention implementations to run side by side (default: both)")
-    ap.add_argument("--mlx-default-sizes", type=int, nargs="*", default=[1000, 8000],
-                    help="default-model sizes for --attention mlx (its CPU attention makes 20k take an hour)")
+    ap.add_argument(
+        "--attention",
+        nargs="+",
+        choices=("auto", "numpy", "mlx"),
+        default=["numpy", "mlx"],
+        help="attention implementations to run side by side (default: both)",
+    )
+    ap.add_argument(
+        "--mlx-default-sizes",
+        type=int,
+        nargs="*",
+        default=[1000, 8000],
+        help="default-model sizes for --attention mlx (its CPU attention makes 20k take an hour)",
+    )
     ap.add_argument("--decode", type=int, default=32, help="tokens to decode per request")
-    ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("CCWARM_CACHE_DIR", "~/.cache/ccwarm")).expanduser())
+    ap.add_argument(
+        "--cache-dir", type=Path, default=Path(os.environ.get("CCWARM_CACHE_DIR", "~/.cache/ccwarm")).expanduser()
+    )
     ap.add_argument("--json", type=Path, default=REPO / "artifacts" / "bench_backend.json")
     args = ap.parse_args()
     from cache_backend.fast_blas import blas_in_use, matmul_gflops, reexec_with_fast_blas
@@ -102,7 +119,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ccwarm-bench-backend-"))
     models = {
         "tiny (1 layer, hidden 64; tests)": str(make_tiny_model(work / "tiny", seed=0)),
-        "tiny (1 layer, hidden 512; cache bench)": str(make_tiny_model(work / "tiny512", seed=0, hidden_size=512, intermediate_size=2048)),
+        "tiny (1 layer, hidden 512; cache bench)": str(
+            make_tiny_model(work / "tiny512", seed=0, hidden_size=512, intermediate_size=2048)
+        ),
     }
     rows = []
     for mode in args.attention:
@@ -111,15 +130,27 @@ def main() -> int:
         if args.default_sizes:
             from cache_backend.default_model import ensure_default_model
 
-            rows += bench_model("SmolLM2-135M (default)", str(ensure_default_model(args.cache_dir)),
-                                args.mlx_default_sizes if mode == "mlx" else args.default_sizes, args.decode, mode)
+            rows += bench_model(
+                "SmolLM2-135M (default)",
+                str(ensure_default_model(args.cache_dir)),
+                args.mlx_default_sizes if mode == "mlx" else args.default_sizes,
+                args.decode,
+                mode,
+            )
 
     print(f"\n{'model':<42}{'attention':>10}{'prompt':>8}{'TTFT s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}")
     for r in rows:
-        print(f"{r['model']:<42}{r['attention']:>10}{r['prompt_tokens']:>8}{r['ttft_s']:>9.2f}"
-              f"{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}")
-    machine = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-               "python": platform.python_version(), "blas": blas}
+        print(
+            f"{r['model']:<42}{r['attention']:>10}{r['prompt_tokens']:>8}{r['ttft_s']:>9.2f}"
+            f"{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
+        )
+    machine = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "blas": blas,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     print(f"\nmachine: {machine}\nwrote {args.json}")

@@ -53,7 +53,9 @@ class Measured:
     stop_reason: str
 
 
-def stream_request(client: httpx.Client, body: dict[str, Any], headers: dict[str, str]) -> tuple[dict[str, Any], float, dict[str, Any]]:
+def stream_request(
+    client: httpx.Client, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[dict[str, Any], float, dict[str, Any]]:
     """POST a streaming request; returns (final message with content blocks, TTFT, usage)."""
     start = time.perf_counter()
     ttft = None
@@ -105,26 +107,45 @@ class Replay:
         self.tools = self.gen.tools
 
     def script(self, extra_turns: int = 0) -> list[dict[str, Any]]:
-        entries = [{"when": "[[tail]]", "reply": "Noted."},
-                   {"when": "[[title]]", "reply": '{"title": "What the build does"}'},
-                   {"when": "[[sub 1]]", "reply": "Searching.\n" + tool_call_markup("Grep", {"pattern": "config"})},
-                   {"when": "[[sub 2]]", "reply": "The configuration is read in two places."}]
+        entries = [
+            {"when": "[[tail]]", "reply": "Noted."},
+            {"when": "[[title]]", "reply": '{"title": "What the build does"}'},
+            {"when": "[[sub 1]]", "reply": "Searching.\n" + tool_call_markup("Grep", {"pattern": "config"})},
+            {"when": "[[sub 2]]", "reply": "The configuration is read in two places."},
+        ]
         for k in range(1, self.turns + 2 + extra_turns):
             tool = self.tools[k % 6]["name"]
             reply = f"Step {k}: checking the next file.\n" + tool_call_markup(tool, {"path": f"src/module_{k}.py"})
             entries.append({"when": f"[[turn {k}]]", "reply": reply})
         return entries
 
-    def request(self, messages: list[dict[str, Any]], *, tools: list | None, subagent: bool = False,
-                instructions: str | None = None, label: str, agent_id: str | None = None) -> tuple[dict, dict]:
-        req = self.gen.request(messages, tools=tools, label=label, subagent=subagent, instructions=instructions,
-                               agent_id=agent_id, max_tokens=256)
+    def request(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list | None,
+        subagent: bool = False,
+        instructions: str | None = None,
+        label: str,
+        agent_id: str | None = None,
+    ) -> tuple[dict, dict]:
+        req = self.gen.request(
+            messages,
+            tools=tools,
+            label=label,
+            subagent=subagent,
+            instructions=instructions,
+            agent_id=agent_id,
+            max_tokens=256,
+        )
         return req.body, req.headers
 
     def tool_results(self, assistant: dict[str, Any], marker: str) -> dict[str, Any]:
-        results = [{"type": "tool_result", "tool_use_id": b["id"],
-                    "content": text_of_size(self.gen.rng, 1200) + f"\n{marker}"}
-                   for b in assistant["content"] if b["type"] == "tool_use"]
+        results = [
+            {"type": "tool_result", "tool_use_id": b["id"], "content": text_of_size(self.gen.rng, 1200) + f"\n{marker}"}
+            for b in assistant["content"]
+            if b["type"] == "tool_use"
+        ]
         if not results:
             return {"role": "user", "content": f"Go on. {marker}"}
         return {"role": "user", "content": results}
@@ -134,12 +155,24 @@ def send(client: httpx.Client, out: list[Measured], body, headers, label, kind) 
     message, ttft, usage = stream_request(client, body, headers)
     restored = usage.get("cache_read_input_tokens", 0)
     prefilled = usage.get("input_tokens", 0)
-    out.append(Measured(label, kind, restored + prefilled, restored, prefilled, ttft,
-                        usage.get("output_tokens", 0), message.get("stop_reason") or ""))
+    out.append(
+        Measured(
+            label,
+            kind,
+            restored + prefilled,
+            restored,
+            prefilled,
+            ttft,
+            usage.get("output_tokens", 0),
+            message.get("stop_reason") or "",
+        )
+    )
     return message
 
 
-def run_session(client: httpx.Client, replay: Replay, *, tail_probe: bool = False) -> tuple[list[Measured], list[dict[str, Any]]]:
+def run_session(
+    client: httpx.Client, replay: Replay, *, tail_probe: bool = False
+) -> tuple[list[Measured], list[dict[str, Any]]]:
     """The main turns with the side request and the sub-agent interleaved; returns the history."""
     out: list[Measured] = []
 
@@ -152,14 +185,24 @@ def run_session(client: httpx.Client, replay: Replay, *, tail_probe: bool = Fals
         body, headers = replay.request(msgs, tools=replay.tools, label=f"main {turn}")
         answer = send_(body, headers, f"main {turn}", "main")
         bar.update()
-        msgs = msgs + [{"role": "assistant", "content": answer["content"]},
-                       replay.tool_results(answer, f"[[turn {turn + 1}]]")]
+        msgs = msgs + [
+            {"role": "assistant", "content": answer["content"]},
+            replay.tool_results(answer, f"[[turn {turn + 1}]]"),
+        ]
         if turn == 1:
-            body, headers = replay.request([{"role": "user", "content": "Look at the project and tell me what the build does. [[title]]"}],
-                                           tools=None, label="side: title", instructions="Generate a concise title for this conversation. Answer with JSON.")
+            body, headers = replay.request(
+                [{"role": "user", "content": "Look at the project and tell me what the build does. [[title]]"}],
+                tools=None,
+                label="side: title",
+                instructions="Generate a concise title for this conversation. Answer with JSON.",
+            )
             body["max_tokens"] = 64
-            body["output_config"] = {"format": {"type": "json_schema", "schema": {
-                "type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}}}
+            body["output_config"] = {
+                "format": {
+                    "type": "json_schema",
+                    "schema": {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]},
+                }
+            }
             send_(body, headers, "side: title", "side")
             bar.update()
         if turn == replay.turns // 2:
@@ -167,10 +210,19 @@ def run_session(client: httpx.Client, replay: Replay, *, tail_probe: bool = Fals
             sub_instr = "You are a search agent. " + replay.gen.instructions[: len(replay.gen.instructions) // 3]
             sub = [{"role": "user", "content": "Find every place that reads the build configuration. [[sub 1]]"}]
             for k in (1, 2):
-                body, headers = replay.request(sub, tools=replay.tools[:8], subagent=True, instructions=sub_instr,
-                                               label=f"subagent {k}", agent_id=agent)
+                body, headers = replay.request(
+                    sub,
+                    tools=replay.tools[:8],
+                    subagent=True,
+                    instructions=sub_instr,
+                    label=f"subagent {k}",
+                    agent_id=agent,
+                )
                 answer = send_(body, headers, f"subagent {k}", "subagent")
-                sub = sub + [{"role": "assistant", "content": answer["content"]}, replay.tool_results(answer, "[[sub 2]]")]
+                sub = sub + [
+                    {"role": "assistant", "content": answer["content"]},
+                    replay.tool_results(answer, "[[sub 2]]"),
+                ]
             bar.update()
     bar.close()
     if tail_probe:
@@ -178,8 +230,12 @@ def run_session(client: httpx.Client, replay: Replay, *, tail_probe: bool = Fals
         last = msgs[-1]["content"]
         tail_text = last if isinstance(last, str) else "\n".join(b["content"] for b in last)
         for i in range(3):
-            body = {"model": "claude-opus-4-8", "max_tokens": 8, "stream": True,
-                    "messages": [{"role": "user", "content": f"{i} [[tail]] {tail_text}"}]}  # unique start: never cached
+            body = {
+                "model": "claude-opus-4-8",
+                "max_tokens": 8,
+                "stream": True,
+                "messages": [{"role": "user", "content": f"{i} [[tail]] {tail_text}"}],
+            }  # unique start: never cached
             send_(body, {}, f"tail-only {i + 1}", "tail")
     return out, msgs
 
@@ -187,13 +243,21 @@ def run_session(client: httpx.Client, replay: Replay, *, tail_probe: bool = Fals
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--turns", type=int, default=8)
-    ap.add_argument("--restarts", type=int, default=3, help="server restarts, each followed by one main turn (default %(default)s)")
+    ap.add_argument(
+        "--restarts", type=int, default=3, help="server restarts, each followed by one main turn (default %(default)s)"
+    )
     ap.add_argument("--model", help="mlx-lm model directory (default: a fresh tiny model, see --hidden)")
-    ap.add_argument("--hidden", type=int, default=512,
-                    help="hidden size of the generated 1-layer tiny model (default %(default)s: a cold 22k-token "
-                         "prefill then takes ~10 s on 2 cores, the regime real deployments are in, so fixed "
-                         "per-request overheads do not hide what the cache saves)")
-    ap.add_argument("--tools-kb", type=int, default=88, help="JSON size of the generated tool list (default: ~22k prompt tokens)")
+    ap.add_argument(
+        "--hidden",
+        type=int,
+        default=512,
+        help="hidden size of the generated 1-layer tiny model (default %(default)s: a cold 22k-token "
+        "prefill then takes ~10 s on 2 cores, the regime real deployments are in, so fixed "
+        "per-request overheads do not hide what the cache saves)",
+    )
+    ap.add_argument(
+        "--tools-kb", type=int, default=88, help="JSON size of the generated tool list (default: ~22k prompt tokens)"
+    )
     ap.add_argument("--system-kb", type=int, default=12)
     ap.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench_cache")
     args = ap.parse_args()
@@ -202,26 +266,53 @@ def main() -> int:
     model = args.model
     if model is None:
         from cache_backend.tiny_model import make_tiny_model
-        model = str(make_tiny_model(work / "tiny-model", seed=0, num_layers=1, hidden_size=args.hidden,
-                                    intermediate_size=4 * args.hidden))
+
+        model = str(
+            make_tiny_model(
+                work / "tiny-model", seed=0, num_layers=1, hidden_size=args.hidden, intermediate_size=4 * args.hidden
+            )
+        )
     spec = SessionSpec(seed=3, tools_json_bytes=args.tools_kb * 1000, system_bytes=args.system_kb * 1000)
     replay = Replay(spec, args.turns)
     script = work / "script.json"
     script.write_text(json.dumps(replay.script(args.restarts)))
 
-    results: dict[str, Any] = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                                           "cpus": __import__("os").cpu_count()},
-                               "turns": args.turns, "model": model, "model_config": json.loads((Path(model) / "config.json").read_text())
-                               if (Path(model) / "config.json").exists() else None, "variants": {}}
+    results: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": __import__("os").cpu_count(),
+        },
+        "turns": args.turns,
+        "model": model,
+        "model_config": json.loads((Path(model) / "config.json").read_text())
+        if (Path(model) / "config.json").exists()
+        else None,
+        "variants": {},
+    }
 
     @contextlib.contextmanager
     def chain(cache_dir: Path, log: Path, normalize: bool = True) -> Iterator[tuple[httpx.Client, str]]:
         """Server + mitmdump (normalize on or off) before it; yields (client of the proxy, server URL)."""
-        args = ("--model", model, "--cache-dir", str(cache_dir), "--max-context", "200000", "--test-forced-replies", str(script))
-        with companion_server(*args, log=log) as server, \
-                mitmdump(server.port, "addons/normalize.py",
-                         options=(f"normalize={'true' if normalize else 'false'}", "termlog_verbosity=warn")) as (port, _), \
-                httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=3600) as client:
+        args = (
+            "--model",
+            model,
+            "--cache-dir",
+            str(cache_dir),
+            "--max-context",
+            "200000",
+            "--test-forced-replies",
+            str(script),
+        )
+        with (
+            companion_server(*args, log=log) as server,
+            mitmdump(
+                server.port,
+                "addons/normalize.py",
+                options=(f"normalize={'true' if normalize else 'false'}", "termlog_verbosity=warn"),
+            ) as (port, _),
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=3600) as client,
+        ):
             yield client, server.url
 
     for variant, normalize in (("normalized", True), ("not normalized", False)):
@@ -241,8 +332,10 @@ def main() -> int:
                     turn = args.turns + k
                     body, headers = replay.request(history, tools=replay.tools, label=f"after restart {k}")
                     answer = send(client, measured, body, headers, f"main {turn} after restart {k}", "restart")
-                    history = history + [{"role": "assistant", "content": answer["content"]},
-                                         replay.tool_results(answer, f"[[turn {turn + 1}]]")]
+                    history = history + [
+                        {"role": "assistant", "content": answer["content"]},
+                        replay.tool_results(answer, f"[[turn {turn + 1}]]"),
+                    ]
         entry["requests"] = [asdict(m) for m in measured]
         results["variants"][variant] = entry
 
@@ -298,7 +391,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             entry["after_restart_prefilled"] = [r["prefilled"] for r in restart]
             entry["after_restart_warm_ttft_s"] = [r["ttft_s"] for r in restart]
             entry["after_restart_warm_ttft_median_s"] = statistics.median(r["ttft_s"] for r in restart)
-            entry["restart_over_in_memory_warm"] = entry["after_restart_warm_ttft_median_s"] / entry["warm_ttft_median_s"]
+            entry["restart_over_in_memory_warm"] = (
+                entry["after_restart_warm_ttft_median_s"] / entry["warm_ttft_median_s"]
+            )
         out[name] = entry
     return out
 
@@ -308,7 +403,9 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"\n{name}")
         print(f"  {'request':<30}{'prompt':>8}{'restored':>10}{'prefilled':>11}{'TTFT s':>9}")
         for r in v["requests"]:
-            print(f"  {r['label']:<30}{r['prompt_tokens']:>8}{r['restored']:>10}{r['prefilled']:>11}{r['ttft_s']:>9.2f}")
+            print(
+                f"  {r['label']:<30}{r['prompt_tokens']:>8}{r['restored']:>10}{r['prefilled']:>11}{r['ttft_s']:>9.2f}"
+            )
     print("\nsummary")
     for name, s in results["summary"].items():
         print(f"  {name}:")

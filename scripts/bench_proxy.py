@@ -58,7 +58,9 @@ def main() -> int:
     requests = []
     for i in range(args.requests):
         body = dict(first.body, stream=False)
-        body["system"] = [dict(body["system"][0], text=body["system"][0]["text"].replace("cch=", f"cch={i:05x}"[:9] + "x"))] + body["system"][1:]
+        body["system"] = [
+            dict(body["system"][0], text=body["system"][0]["text"].replace("cch=", f"cch={i:05x}"[:9] + "x"))
+        ] + body["system"][1:]
         requests.append(json.dumps(body).encode())
     size = sum(map(len, requests)) / len(requests)
     headers = {**first.headers, "content-type": "application/json"}
@@ -78,12 +80,12 @@ def main() -> int:
         clients = {name: stack.enter_context(httpx.Client(base_url=url, timeout=60)) for name, url in urls.items()}
 
         timings: dict[str, list[float]] = {name: [] for name in urls}
-        for name, client in clients.items():  # warm-up: connections, imports, first-request costs
+        for client in clients.values():  # warm-up: connections, imports, first-request costs
             for raw in requests[:10]:
                 client.post("/v1/messages?beta=true", content=raw, headers=headers).raise_for_status()
         order = list(clients)
         for i, raw in enumerate(tqdm(requests, desc="90 KB requests", unit="req")):
-            for name in order[i % len(order):] + order[: i % len(order)]:
+            for name in order[i % len(order) :] + order[: i % len(order)]:
                 t = time.perf_counter()
                 clients[name].post("/v1/messages?beta=true", content=raw, headers=headers).raise_for_status()
                 timings[name].append((time.perf_counter() - t) * 1e3)
@@ -97,28 +99,51 @@ def main() -> int:
             upstream.requests.clear()
 
     base = statistics.median(timings["mitmdump (no addon)"])
-    print(f"\nRequest size {size / 1024:.1f} KB, {args.requests} requests per variant, upstream holds streams {args.hold * 1e3:.0f} ms\n")
+    print(
+        f"\nRequest size {size / 1024:.1f} KB, {args.requests} requests per variant, upstream holds streams "
+        f"{args.hold * 1e3:.0f} ms\n"
+    )
     print(f"{'variant':<24}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'SSE 1st byte p50':>18}{'SSE end p50':>13}")
     for name in urls:
         p50, p99 = statistics.median(timings[name]), percentile(timings[name], 99)
         firsts = [f * 1e3 for f, _ in sse[name]]
         ends = [e * 1e3 for _, e in sse[name]]
         added = p50 - base if name not in ("direct", "mitmdump (no addon)") else None
-        results[name] = {"p50_ms": p50, "p99_ms": p99, "added_p50_ms": added,
-                         "sse_first_byte_p50_ms": statistics.median(firsts), "sse_end_p50_ms": statistics.median(ends)}
+        results[name] = {
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "added_p50_ms": added,
+            "sse_first_byte_p50_ms": statistics.median(firsts),
+            "sse_end_p50_ms": statistics.median(ends),
+        }
         added_s = f"{added:+.2f}" if added is not None else "-"
-        print(f"{name:<24}{p50:>9.2f}{p99:>9.2f}{added_s:>11}{statistics.median(firsts):>18.2f}{statistics.median(ends):>13.2f}")
+        print(
+            f"{name:<24}{p50:>9.2f}{p99:>9.2f}{added_s:>11}{statistics.median(firsts):>18.2f}{statistics.median(ends):>13.2f}"
+        )
     # Plain mitmdump buffers SSE (mitmproxy's default): it is the reference, not a failure.
     buffered = [n for n in urls if results[n]["sse_first_byte_p50_ms"] > args.hold * 1e3 * 0.8]
     ours = [n for n in buffered if n in variants and variants[n]]
     print("\nSSE buffering:", ", ".join(f"{n}: {'BUFFERED' if n in buffered else 'streamed'}" for n in urls))
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": __import__("os").cpu_count()},
-        "request_bytes": size, "requests_per_variant": args.requests, "hold_ms": args.hold * 1e3,
-        "variants": results, "sse_buffered": buffered, "sse_buffered_by_addons": ours,
-    }, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "cpus": __import__("os").cpu_count(),
+                },
+                "request_bytes": size,
+                "requests_per_variant": args.requests,
+                "hold_ms": args.hold * 1e3,
+                "variants": results,
+                "sse_buffered": buffered,
+                "sse_buffered_by_addons": ours,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.json}")
     return 1 if ours else 0
 

@@ -103,7 +103,11 @@ class ReadState:
 
 
 def _is_diffed(method: str, path: str) -> bool:
-    return method == "POST" and payload.is_messages_path(path) and not path.split("?", 1)[0].rstrip("/").endswith("/count_tokens")
+    return (
+        method == "POST"
+        and payload.is_messages_path(path)
+        and not path.split("?", 1)[0].rstrip("/").endswith("/count_tokens")
+    )
 
 
 def read_flows(path: Path, state: ReadState) -> Iterator[Captured]:
@@ -148,7 +152,9 @@ def read_folder(path: Path, state: ReadState) -> Iterator[Captured]:
         yield Captured(file.name, raw, headers)
 
 
-def analyse(items: Iterator[Captured], state: ReadState, *, normalize: bool, redactor: stability.Redactor) -> stability.StabilityTracker:
+def analyse(
+    items: Iterator[Captured], state: ReadState, *, normalize: bool, redactor: stability.Redactor
+) -> stability.StabilityTracker:
     tracker = stability.StabilityTracker(max_conversations=1 << 20, keep_history=True)
     for item in items:
         headers = redactor.headers(item.headers)
@@ -168,9 +174,16 @@ def analyse(items: Iterator[Captured], state: ReadState, *, normalize: bool, red
             state.skipped.append({"source": item.source, "reason": f"body is not JSON: {e}"})
             continue
         if not isinstance(body, dict):
-            state.skipped.append({"source": item.source, "reason": f"body is a JSON {type(body).__name__}, not an object"})
+            state.skipped.append(
+                {"source": item.source, "reason": f"body is a JSON {type(body).__name__}, not an object"}
+            )
             continue
-        extra: dict[str, Any] = {"source": item.source, "flow_id": item.flow_id, "timestamp": item.timestamp, "headers": headers}
+        extra: dict[str, Any] = {
+            "source": item.source,
+            "flow_id": item.flow_id,
+            "timestamp": item.timestamp,
+            "headers": headers,
+        }
         if dropped:
             extra["normalize_dropped"] = [{"where": d.get("where"), "reason": d.get("reason")} for d in dropped]
         tracker.observe(body, item.headers, label=item.source, size=len(raw), extra=extra, dropped=dropped)
@@ -178,13 +191,21 @@ def analyse(items: Iterator[Captured], state: ReadState, *, normalize: bool, red
     return tracker
 
 
-def build_report(tracker: stability.StabilityTracker, state: ReadState, *, normalize: bool, redactor: stability.Redactor) -> dict[str, Any]:
+def build_report(
+    tracker: stability.StabilityTracker, state: ReadState, *, normalize: bool, redactor: stability.Redactor
+) -> dict[str, Any]:
     summary = tracker.summary()
     report = {
         "schema_version": stability.SCHEMA_VERSION,
         "tool": TOOL,
-        "input": {"path": state.path, "format": state.format, "requests_read": state.read,
-                  "complete": state.error is None, "error": state.error, "skipped": state.skipped},
+        "input": {
+            "path": state.path,
+            "format": state.format,
+            "requests_read": state.read,
+            "complete": state.error is None,
+            "error": state.error,
+            "skipped": state.skipped,
+        },
         "normalize": normalize,
         "totals": summary["totals"],
         "volatile_blocks": summary["volatile_blocks"],
@@ -201,10 +222,12 @@ def build_report(tracker: stability.StabilityTracker, state: ReadState, *, norma
 _CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#222}
 h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
 .break{background:#fff4f4} .ok{color:#2a7a2a} .bad{color:#b00020;font-weight:600}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:8px;margin:.3em 0 1em}
-.pair pre{white-space:pre-wrap;word-break:break-all;background:#f7f7f7;padding:6px;margin:0;font:12px/1.4 ui-monospace,monospace}
+.pair pre{white-space:pre-wrap;word-break:break-all;background:#f7f7f7;padding:6px;margin:0;
+  font:12px/1.4 ui-monospace,monospace}
 del{background:#ffd6d6;text-decoration:none} ins{background:#c9f2c9;text-decoration:none}
 code{background:#f0f0f0;padding:0 3px} .muted{color:#777}
 """
@@ -221,13 +244,20 @@ def _e(value: Any) -> str:
 def render_html(report: dict[str, Any]) -> str:
     t = report["totals"]
     inp = report["input"]
-    out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
-           "<title>Prefix stability: " + _e(inp["path"]) + "</title>", f"<style>{_CSS}</style></head><body>",
-           f"<h1>Prompt prefix stability: <code>{_e(inp['path'])}</code></h1>",
-           f"<p>{_plural(t['requests'], 'request')} in {_plural(t['conversations'], 'conversation')}; "
-           f"<span class='{'bad' if t['requests_with_prefix_breaks'] else 'ok'}'>{t['requests_with_prefix_breaks']} of {t['compared']} "
-           f"compared requests broke the prefix</span> ({_plural(t['prefix_breaks'], 'break')}); {_plural(t['json_only'], 'JSON-only change')}."
-           + (" Bodies normalized (<code>strip_volatile</code>) before diffing." if report["normalize"] else "") + "</p>"]
+    out = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>Prefix stability: " + _e(inp["path"]) + "</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Prompt prefix stability: <code>{_e(inp['path'])}</code></h1>",
+        f"<p>{_plural(t['requests'], 'request')} in {_plural(t['conversations'], 'conversation')}; "
+        f"<span class='{'bad' if t['requests_with_prefix_breaks'] else 'ok'}'>{t['requests_with_prefix_breaks']} of "
+        f"{t['compared']} "
+        f"compared requests broke the prefix</span> ({_plural(t['prefix_breaks'], 'break')}); "
+        f"{_plural(t['json_only'], 'JSON-only change')}."
+        + (" Bodies normalized (<code>strip_volatile</code>) before diffing." if report["normalize"] else "")
+        + "</p>",
+    ]
     if inp.get("error"):
         out.append(f"<p class='bad'>Input incomplete: {_e(inp['error'])}</p>")
     for s in inp.get("skipped") or []:
@@ -235,16 +265,26 @@ def render_html(report: dict[str, Any]) -> str:
     if report["volatile_blocks"]:
         out.append("<h2>Volatile blocks</h2><table><tr><th>block</th><th>prefix breaks</th><th>conversations</th></tr>")
         for v in report["volatile_blocks"]:
-            out.append(f"<tr><td><code>{_e(v['block'])}</code></td><td>{v['changed']}</td><td>{v['conversations']}</td></tr>")
+            out.append(
+                f"<tr><td><code>{_e(v['block'])}</code></td><td>{v['changed']}</td><td>{v['conversations']}</td></tr>"
+            )
         out.append("</table>")
     for conv in report["conversations"]:
         n = conv["counts"]
         out.append(f"<h2>{_e(conv['kind'])}: <code>{_e(conv['key'])}</code></h2>")
-        out.append(f"<p>{_plural(n['requests'], 'request')}, {n['requests_with_prefix_breaks']} with prefix breaks, "
-                   f"{n['growth']} appended, {_plural(n['json_only'], 'JSON-only change')}.</p>")
+        out.append(
+            f"<p>{_plural(n['requests'], 'request')}, {n['requests_with_prefix_breaks']} with prefix breaks, "
+            f"{n['growth']} appended, {_plural(n['json_only'], 'JSON-only change')}.</p>"
+        )
         if conv["volatile_blocks"]:
-            out.append("<ul>" + "".join(f"<li><code>{_e(v['block'])}</code> changed in {v['changed']} of {v['requests']} requests</li>"
-                                        for v in conv["volatile_blocks"]) + "</ul>")
+            out.append(
+                "<ul>"
+                + "".join(
+                    f"<li><code>{_e(v['block'])}</code> changed in {v['changed']} of {v['requests']} requests</li>"
+                    for v in conv["volatile_blocks"]
+                )
+                + "</ul>"
+            )
         out.append("<table><tr><th>#</th><th>request</th><th>result</th></tr>")
         for req in conv.get("requests", []):
             cls = " class='break'" if req["prefix_breaks"] else ""
@@ -253,7 +293,11 @@ def render_html(report: dict[str, Any]) -> str:
             for c in req["prefix_breaks"]:
                 out.append(_change_html(c))
             if req["json_only"]:
-                out.append("<div class='muted'>JSON-only: " + "; ".join(f"<code>{_e(c['path'])}</code> {_e(c['reason'])}" for c in req["json_only"]) + "</div>")
+                out.append(
+                    "<div class='muted'>JSON-only: "
+                    + "; ".join(f"<code>{_e(c['path'])}</code> {_e(c['reason'])}" for c in req["json_only"])
+                    + "</div>"
+                )
             out.append("</td></tr>")
         out.append("</table>")
     out.append("</body></html>")
@@ -261,8 +305,10 @@ def render_html(report: dict[str, Any]) -> str:
 
 
 def _change_html(c: dict[str, Any]) -> str:
-    head = (f"<div><span class='bad'>prefix break</span> at <code>{_e(c['path'])}</code> offset {_e(c.get('offset'))}"
-            f" ({_e(c.get('prefix_chars'))} chars before it unchanged): {_e(c['reason'])}</div>")
+    head = (
+        f"<div><span class='bad'>prefix break</span> at <code>{_e(c['path'])}</code> offset {_e(c.get('offset'))}"
+        f" ({_e(c.get('prefix_chars'))} chars before it unchanged): {_e(c['reason'])}</div>"
+    )
     ex = c.get("excerpt")
     if not ex:
         return head
@@ -279,8 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Find what breaks the prompt prefix in captured Claude Code requests.")
     ap.add_argument("input", type=Path, help="flow file from `mitmdump -w`, or a folder of JSON request bodies")
     ap.add_argument("--json", action="store_true", help="print the report as JSON (schema in this script's docstring)")
-    ap.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained HTML page with the changed spans side by side")
-    ap.add_argument("--normalize", action="store_true", help="apply payload.strip_volatile (as addons/normalize.py does) before diffing")
+    ap.add_argument(
+        "--html",
+        type=Path,
+        metavar="FILE",
+        help="also write a self-contained HTML page with the changed spans side by side",
+    )
+    ap.add_argument(
+        "--normalize",
+        action="store_true",
+        help="apply payload.strip_volatile (as addons/normalize.py does) before diffing",
+    )
     ap.add_argument("--fail-on-break", action="store_true", help="exit 3 when a prefix break was found")
     args = ap.parse_args(argv)
 
@@ -309,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         args.html.write_text(redactor.text(render_html(report)), encoding="utf-8")
 
     if state.error:
-        print(f"capture_diff: {state.error}; the report covers the {state.read} request(s) read before that", file=sys.stderr)
+        print(
+            f"capture_diff: {state.error}; the report covers the {state.read} request(s) read before that",
+            file=sys.stderr,
+        )
         return 2
     if state.read == 0 and not state.skipped:
         print(f"capture_diff: {args.input}: no /v1/messages requests found", file=sys.stderr)

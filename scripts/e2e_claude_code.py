@@ -65,6 +65,7 @@ from ccwarm.claude_cli import CliInstallError, cli_version  # noqa: E402
 from ccwarm.claude_cli import ensure_cli as _ensure_cli  # noqa: E402
 from ccwarm.harness import REPO, RecordingUpstream, mitmdump  # noqa: E402
 from ccwarm.server_proc import companion_server  # noqa: E402
+
 CLI_MODEL = "claude-opus-5-5"  # the current CLI's default; auto mode refuses retired models
 DEFAULT_JSON = REPO / "artifacts" / "e2e_claude_code.json"
 STABILITY_ADDON = "addons/stability.py"
@@ -100,17 +101,19 @@ def ensure_cli() -> Path:
 def cli_env(home: Path, proxy_port: int) -> dict[str, str]:
     """The environment Claude Code runs with: our endpoint, a throwaway HOME, nothing inherited."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_", "CLAUDECODE"))}
-    env.update({
-        "HOME": str(home),
-        "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{proxy_port}",
-        "ANTHROPIC_API_KEY": "local-e2e-key",
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "IS_SANDBOX": "1",  # root may use --dangerously-skip-permissions
-        # Auto mode checks each action on Anthropic's side by default; this brings back the CLI's
-        # own classifier requests (to the local server), which the e2e wants to see served.
-        "CLAUDE_CODE_AUTO_MODE_SERVER": "0",
-        "NO_COLOR": "1",
-    })
+    env.update(
+        {
+            "HOME": str(home),
+            "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{proxy_port}",
+            "ANTHROPIC_API_KEY": "local-e2e-key",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "IS_SANDBOX": "1",  # root may use --dangerously-skip-permissions
+            # Auto mode checks each action on Anthropic's side by default; this brings back the CLI's
+            # own classifier requests (to the local server), which the e2e wants to see served.
+            "CLAUDE_CODE_AUTO_MODE_SERVER": "0",
+            "NO_COLOR": "1",
+        }
+    )
     env.pop("XDG_CONFIG_HOME", None)
     return env
 
@@ -125,21 +128,40 @@ class CliRun:
     seconds: float
 
 
-def run_claude(cli: Path, env: dict[str, str], cwd: Path, prompt: str, *, cont: bool, label: str,
-               model: str = CLI_MODEL, timeout: float = TURN_TIMEOUT) -> CliRun:
+def run_claude(
+    cli: Path,
+    env: dict[str, str],
+    cwd: Path,
+    prompt: str,
+    *,
+    cont: bool,
+    label: str,
+    model: str = CLI_MODEL,
+    timeout: float = TURN_TIMEOUT,
+) -> CliRun:
     """One `claude -p` turn in its own process group (killed with all its children on timeout)."""
     argv = [str(cli), "-p", prompt, "--model", model, "--dangerously-skip-permissions"]
     if cont:
         argv.insert(1, "--continue")
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         out, err = proc.communicate()
-        raise E2EError(f"{label}: claude did not finish within {timeout:.0f}s\nstdout: {out[-1500:]}\nstderr: {err[-1500:]}") from None
+        raise E2EError(
+            f"{label}: claude did not finish within {timeout:.0f}s\nstdout: {out[-1500:]}\nstderr: {err[-1500:]}"
+        ) from None
     finally:
         _kill_group(proc)  # on any exit: claude if still running, and tool subprocesses left behind
     return CliRun(label, argv[1:], proc.returncode, out, err, round(time.monotonic() - t0, 2))
@@ -193,7 +215,9 @@ COMPACT_SUMMARY = "E2E-SUMMARY: the user sent a long log and asked about it."
 
 def forced_replies(work: Path, tools: ToolNames) -> list[dict[str, str]]:
     """The forced-replies script: first entry whose `when` is in the last message's JSON wins."""
-    subagent_type = "general-purpose" if "general-purpose" in tools.agent_types or not tools.agent_types else tools.agent_types[0]
+    subagent_type = (
+        "general-purpose" if "general-purpose" in tools.agent_types or not tools.agent_types else tools.agent_types[0]
+    )
     return [
         # Auto mode's permission classifier (its transcript quotes our prompts, so it comes first).
         {"when": "<transcript>", "reply": "<severity>5</severity>"},
@@ -212,15 +236,39 @@ def forced_replies(work: Path, tools: ToolNames) -> list[dict[str, str]]:
         # Main thread, after Bash returned.
         {"when": BASH_MARKER, "reply": "The folder holds README.md and hello.py. E2E-ANSWER-2"},
         # ToolSearch loaded the deferred tool: call it; then answer on its result.
-        {"when": f'"tool_name": "{DEFERRED_TOOL}"', "reply": tool_call(DEFERRED_TOOL, {
-            "notebook_path": str(work / NOTEBOOK), "new_source": "print('e2e')", "cell_type": "code", "edit_mode": "insert"})},
+        {
+            "when": f'"tool_name": "{DEFERRED_TOOL}"',
+            "reply": tool_call(
+                DEFERRED_TOOL,
+                {
+                    "notebook_path": str(work / NOTEBOOK),
+                    "new_source": "print('e2e')",
+                    "cell_type": "code",
+                    "edit_mode": "insert",
+                },
+            ),
+        },
         {"when": NOTEBOOK, "reply": "The notebook has a new cell. E2E-ANSWER-3"},
         {"when": "[[e2e-turn-1]]", "reply": "Hello! This answer comes from the local model. E2E-ANSWER-1"},
-        {"when": "[[e2e-turn-2]]", "reply": tool_call(tools.bash, {"command": f"echo {BASH_MARKER} && ls", "description": "List files"})},
-        {"when": "[[e2e-turn-3]]", "reply": tool_call("ToolSearch", {"query": f"select:{DEFERRED_TOOL}", "max_results": 1})},
-        {"when": "[[e2e-turn-4]]", "reply": tool_call(tools.agent, {"description": "Inspect hello.py",
-                                                                    "prompt": "[[e2e-subagent]] Read hello.py and say what it prints.",
-                                                                    "subagent_type": subagent_type})},
+        {
+            "when": "[[e2e-turn-2]]",
+            "reply": tool_call(tools.bash, {"command": f"echo {BASH_MARKER} && ls", "description": "List files"}),
+        },
+        {
+            "when": "[[e2e-turn-3]]",
+            "reply": tool_call("ToolSearch", {"query": f"select:{DEFERRED_TOOL}", "max_results": 1}),
+        },
+        {
+            "when": "[[e2e-turn-4]]",
+            "reply": tool_call(
+                tools.agent,
+                {
+                    "description": "Inspect hello.py",
+                    "prompt": "[[e2e-subagent]] Read hello.py and say what it prints.",
+                    "subagent_type": subagent_type,
+                },
+            ),
+        },
         {"when": "[[e2e-turn-5]]", "reply": FINAL_ANSWER},
         {"when": "[[e2e-session-2]]", "reply": NEW_SESSION_ANSWER},
         # Session C: a turn over the server's context limit, answered after the CLI compacted.
@@ -229,12 +277,28 @@ def forced_replies(work: Path, tools: ToolNames) -> list[dict[str, str]]:
         # Interactive run.
         {"when": "[[e2e-ui-1]]", "reply": "E2E-UI-ANSWER-1: hello on screen."},
         # Not a read-only command: auto mode asks the classifier first.
-        {"when": "[[e2e-ui-2]]", "reply": tool_call(tools.bash, {
-            "command": "touch e2e-ui-created.txt && git add e2e-ui-created.txt && echo e2e-ui-bash", "description": "Create and stage a file"})},
+        {
+            "when": "[[e2e-ui-2]]",
+            "reply": tool_call(
+                tools.bash,
+                {
+                    "command": "touch e2e-ui-created.txt && git add e2e-ui-created.txt && echo e2e-ui-bash",
+                    "description": "Create and stage a file",
+                },
+            ),
+        },
         {"when": "e2e-ui-bash-2", "reply": "E2E-UI-ANSWER-2B: unstaged it."},
         {"when": "e2e-ui-bash", "reply": "E2E-UI-ANSWER-2: created the file."},
-        {"when": "[[e2e-ui-2b]]", "reply": tool_call(tools.bash, {
-            "command": "git rm -q --cached e2e-ui-created.txt && echo e2e-ui-bash-2", "description": "Unstage the file"})},
+        {
+            "when": "[[e2e-ui-2b]]",
+            "reply": tool_call(
+                tools.bash,
+                {
+                    "command": "git rm -q --cached e2e-ui-created.txt && echo e2e-ui-bash-2",
+                    "description": "Unstage the file",
+                },
+            ),
+        },
         {"when": "[[e2e-ui-3]]", "reply": "E2E-UI-ANSWER-3: still here after compacting."},
         # NotebookEdit's result, should it not name the file (the other tool results carry markers).
         {"when": '"type": "tool_result"', "reply": "The notebook has a new cell. E2E-ANSWER-3"},
@@ -264,14 +328,27 @@ LOG_LINE = "2026-12-02 12:00:00 INFO worker {i}: processed batch {i} of the nigh
 
 def compaction_turns(encode: Any, first_tokens: int, second_tokens: int) -> tuple[Turn, ...]:
     """Session C: a long first turn, then one that pushes the prompt over the server's limit."""
+
     def log_text(tokens: int, start: int) -> str:
         lines: list[str] = []
         while len(encode(" ".join(lines))) < tokens:
             lines += [LOG_LINE.format(i=start + len(lines) + k) for k in range(10)]
         return " ".join(lines)
 
-    return (Turn("C1 long log", f"[[e2e-compact-1]] Keep this log in mind: {log_text(first_tokens, 0)}", False, "E2E-ANSWER-C1"),
-            Turn("C2 over the limit", f"[[e2e-compact-2]] And this one: {log_text(second_tokens, 10_000)}", True, "E2E-ANSWER-C2"))
+    return (
+        Turn(
+            "C1 long log",
+            f"[[e2e-compact-1]] Keep this log in mind: {log_text(first_tokens, 0)}",
+            False,
+            "E2E-ANSWER-C1",
+        ),
+        Turn(
+            "C2 over the limit",
+            f"[[e2e-compact-2]] And this one: {log_text(second_tokens, 10_000)}",
+            True,
+            "E2E-ANSWER-C2",
+        ),
+    )
 
 
 def probe_tools(cli: Path, root: Path) -> tuple[ToolNames, dict[str, Any]]:
@@ -279,12 +356,16 @@ def probe_tools(cli: Path, root: Path) -> tuple[ToolNames, dict[str, Any]]:
     home, work = make_workspace(root)
     upstream = RecordingUpstream(hold_seconds=0.0)
     with upstream.serve():
-        run = run_claude(cli, cli_env(home, upstream.port), work, "[[e2e-probe]] hi", cont=False, label="probe", timeout=90)
+        run = run_claude(
+            cli, cli_env(home, upstream.port), work, "[[e2e-probe]] hi", cont=False, label="probe", timeout=90
+        )
     posts = [r for r in upstream.requests if r.method == "POST" and payload.is_messages_path(r.path)]
     bodies = [json.loads(r.body) for r in posts if "count_tokens" not in r.path]
     main = next((b for b in bodies if b.get("tools")), None)
     if main is None:
-        raise E2EError(f"probe: no /v1/messages request with tools was captured (claude rc={run.returncode}: {run.stderr[-1000:]})")
+        raise E2EError(
+            f"probe: no /v1/messages request with tools was captured (claude rc={run.returncode}: {run.stderr[-1000:]})"
+        )
     schemas = {t["name"]: t.get("input_schema", {}) for t in main["tools"] if isinstance(t, dict) and "name" in t}
     names = tuple(schemas)
 
@@ -295,7 +376,10 @@ def probe_tools(cli: Path, root: Path) -> tuple[ToolNames, dict[str, Any]]:
                 missing = [r for r in schemas[c].get("required", []) if r not in required]
                 unknown = [r for r in required if r not in props]
                 if missing or unknown:
-                    raise E2EError(f"probe: tool {c} schema changed: required {schemas[c].get('required')}, properties {list(props)}")
+                    raise E2EError(
+                        f"probe: tool {c} schema changed: required {schemas[c].get('required')}, properties "
+                        f"{list(props)}"
+                    )
                 return c
         raise E2EError(f"probe: none of {candidates} among the offered tools {names}")
 
@@ -305,16 +389,32 @@ def probe_tools(cli: Path, root: Path) -> tuple[ToolNames, dict[str, Any]]:
     if isinstance(enum, list):
         agent_types = tuple(enum)
     else:  # listed in a reminder: "Available agent types for the Agent tool:\n- general-purpose: ..."
-        text = "\n".join(b.get("text", "") for m in main["messages"] if isinstance(m.get("content"), list)
-                         for b in m["content"] if isinstance(b, dict))
+        text = "\n".join(
+            b.get("text", "")
+            for m in main["messages"]
+            if isinstance(m.get("content"), list)
+            for b in m["content"]
+            if isinstance(b, dict)
+        )
         section = re.search(r"Available agent types[^\n]*\n((?:- [^\n]*\n?)+)", text)
         if section:
             agent_types = tuple(re.findall(r"^- ([\w-]+):", section.group(1), re.M))
-    found = ToolNames(bash=pick("Bash", required=("command", "description")), read=pick("Read", required=("file_path",)),
-                      agent=agent, agent_types=agent_types, all_names=names)
-    info = {"tools": list(names), "agent_tool": agent, "agent_types": list(agent_types), "first_request": main,
-            "schemas": {n: schemas[n] for n in (found.bash, found.read, found.agent)},
-            "body_keys": sorted(main), "beta": next((r.headers.get("anthropic-beta") for r in posts), None)}
+    found = ToolNames(
+        bash=pick("Bash", required=("command", "description")),
+        read=pick("Read", required=("file_path",)),
+        agent=agent,
+        agent_types=agent_types,
+        all_names=names,
+    )
+    info = {
+        "tools": list(names),
+        "agent_tool": agent,
+        "agent_types": list(agent_types),
+        "first_request": main,
+        "schemas": {n: schemas[n] for n in (found.bash, found.read, found.agent)},
+        "body_keys": sorted(main),
+        "beta": next((r.headers.get("anthropic-beta") for r in posts), None),
+    }
     return found, info
 
 
@@ -334,12 +434,30 @@ class Stack:
 
 
 @contextlib.contextmanager
-def chain(root: Path, model_dir: Path, script: Path, *, normalize: bool, cache_args: tuple[str, ...] = (),
-          max_context: int = MAX_CONTEXT) -> Iterator[Stack]:
+def chain(
+    root: Path,
+    model_dir: Path,
+    script: Path,
+    *,
+    normalize: bool,
+    cache_args: tuple[str, ...] = (),
+    max_context: int = MAX_CONTEXT,
+) -> Iterator[Stack]:
     """Companion server + mitmdump before it, on free loopback ports; both stopped when the block ends."""
     server_log, mitm_log, flows = root / "server.log", root / "mitmdump.log", root / "flows.mitm"
-    args = ("--model", str(model_dir), "--cache-dir", str(root / "cache"), "--max-context", str(max_context),
-            "--max-output-tokens", "1024", "--test-forced-replies", str(script), *cache_args)
+    args = (
+        "--model",
+        str(model_dir),
+        "--cache-dir",
+        str(root / "cache"),
+        "--max-context",
+        str(max_context),
+        "--max-output-tokens",
+        "1024",
+        "--test-forced-replies",
+        str(script),
+        *cache_args,
+    )
     scripts = ["addons/normalize.py"]
     stability = (REPO / STABILITY_ADDON).exists()
     if stability:
@@ -347,8 +465,10 @@ def chain(root: Path, model_dir: Path, script: Path, *, normalize: bool, cache_a
     options = [f"save_stream_file={flows}", f"normalize={'true' if normalize else 'false'}"]
     if stability:
         options.append("stability_wait_ms=500")  # flags on the flow before -w saves it
-    with companion_server(*args, log=server_log) as server, \
-            mitmdump(server.port, *scripts, options=tuple(options), log=mitm_log) as (port, _):
+    with (
+        companion_server(*args, log=server_log) as server,
+        mitmdump(server.port, *scripts, options=tuple(options), log=mitm_log) as (port, _),
+    ):
         stack = Stack(port, server.url, server_log, mitm_log, flows, normalize, stability)
         try:
             yield stack
@@ -358,6 +478,7 @@ def chain(root: Path, model_dir: Path, script: Path, *, normalize: bool, cache_a
 
 
 # --- analysis ------------------------------------------------------------------------------------
+
 
 def request_figures(server_url: str) -> dict[str, dict[str, Any]]:
     """The server's per-request figures (GET /v1/cache/requests), keyed by request id."""
@@ -376,7 +497,14 @@ def rejections(flows: list[Any]) -> list[dict[str, Any]]:
             err = json.loads(resp.content or b"{}").get("error") or {}
         except ValueError:
             err = {}
-        out.append({"status": resp.status_code, "path": fl.request.path, "type": err.get("type"), "message": err.get("message")})
+        out.append(
+            {
+                "status": resp.status_code,
+                "path": fl.request.path,
+                "type": err.get("type"),
+                "message": err.get("message"),
+            }
+        )
     return out
 
 
@@ -410,10 +538,12 @@ def parse_json_reply(raw: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     blocks = msg.get("content") or [] if isinstance(msg, dict) else []
-    return {"text": "".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
-            "tool_calls": [b.get("name") for b in blocks if b.get("type") == "tool_use"],
-            "stop_reason": msg.get("stop_reason") if isinstance(msg, dict) else None,
-            "usage": msg.get("usage") or {} if isinstance(msg, dict) else {}}
+    return {
+        "text": "".join(b.get("text", "") for b in blocks if b.get("type") == "text"),
+        "tool_calls": [b.get("name") for b in blocks if b.get("type") == "tool_use"],
+        "stop_reason": msg.get("stop_reason") if isinstance(msg, dict) else None,
+        "usage": msg.get("usage") or {} if isinstance(msg, dict) else {},
+    }
 
 
 def read_flows(path: Path) -> list[Any]:
@@ -567,12 +697,23 @@ def analyse(stack: Stack, model_dir: Path | None) -> tuple[list[RequestRecord], 
         sessions.setdefault(sid, chr(ord("A") + len(sessions)))
         resp = fl.response
         rid = resp.headers.get("request-id") if resp is not None else None
-        rec = RequestRecord(n=len(records) + 1, session=sessions[sid], kind=kind, agent_id=ident.agent_id,
-                            path=req.path, status=resp.status_code if resp is not None else None, request_id=rid,
-                            billing_forwarded=BILLING in raw.decode("utf-8", "replace").lower(),
-                            normalize_dropped=[f"{d.get('where')}: {d.get('reason')}" for d in dropped])
+        rec = RequestRecord(
+            n=len(records) + 1,
+            session=sessions[sid],
+            kind=kind,
+            agent_id=ident.agent_id,
+            path=req.path,
+            status=resp.status_code if resp is not None else None,
+            request_id=rid,
+            billing_forwarded=BILLING in raw.decode("utf-8", "replace").lower(),
+            normalize_dropped=[f"{d.get('where')}: {d.get('reason')}" for d in dropped],
+        )
         if resp is not None and resp.content:
-            sse = parse_sse(resp.content) if "event-stream" in resp.headers.get("content-type", "") else parse_json_reply(resp.content)
+            sse = (
+                parse_sse(resp.content)
+                if "event-stream" in resp.headers.get("content-type", "")
+                else parse_json_reply(resp.content)
+            )
             rec.reply, rec.tool_calls = sse.get("text", ""), sse.get("tool_calls", [])
             rec.stop_reason, rec.usage = sse.get("stop_reason"), sse.get("usage", {})
         if rid in lines:
@@ -622,25 +763,44 @@ def totals(records: list[RequestRecord]) -> dict[str, Any]:
     def total(attr: str) -> int:
         return sum(getattr(r, attr) or 0 for r in done)
 
-    out = {"requests": len(records), "served": len(done), "prompt": total("prompt"), "restored": total("restored"),
-           "prefilled": total("prefilled"), "ttft_s": round(sum(r.ttft_s or 0 for r in done), 3)}
+    out = {
+        "requests": len(records),
+        "served": len(done),
+        "prompt": total("prompt"),
+        "restored": total("restored"),
+        "prefilled": total("prefilled"),
+        "ttft_s": round(sum(r.ttft_s or 0 for r in done), 3),
+    }
     if done and all(r.ideal_prefilled is not None for r in done):
         out["ideal_prefilled"] = total("ideal_prefilled")
-        out["prefilled_over_ideal"] = round(out["prefilled"] / out["ideal_prefilled"], 3) if out["ideal_prefilled"] else None
+        out["prefilled_over_ideal"] = (
+            round(out["prefilled"] / out["ideal_prefilled"], 3) if out["ideal_prefilled"] else None
+        )
     out["by_kind"] = {}
     for kind in sorted({r.kind for r in done}):
         ks = [r for r in done if r.kind == kind]
-        out["by_kind"][kind] = {"requests": len(ks), "prompt": sum(r.prompt or 0 for r in ks),
-                                "prefilled": sum(r.prefilled or 0 for r in ks)}
+        out["by_kind"][kind] = {
+            "requests": len(ks),
+            "prompt": sum(r.prompt or 0 for r in ks),
+            "prefilled": sum(r.prefilled or 0 for r in ks),
+        }
     return out
 
 
 # --- one run: session A (4 turns) + session B ----------------------------------------------------
 
 
-def run_sessions(cli: Path, model_dir: Path, root: Path, tools: ToolNames, *, normalize: bool,
-                 turns: tuple[Turn, ...] = SESSION_A + SESSION_B, cache_args: tuple[str, ...] = (),
-                 max_context: int = MAX_CONTEXT) -> dict[str, Any]:
+def run_sessions(
+    cli: Path,
+    model_dir: Path,
+    root: Path,
+    tools: ToolNames,
+    *,
+    normalize: bool,
+    turns: tuple[Turn, ...] = SESSION_A + SESSION_B,
+    cache_args: tuple[str, ...] = (),
+    max_context: int = MAX_CONTEXT,
+) -> dict[str, Any]:
     """Start the chain, drive the turns, stop the chain, analyse what went through."""
     root.mkdir(parents=True, exist_ok=True)
     home, work = make_workspace(root)
@@ -659,16 +819,27 @@ def run_sessions(cli: Path, model_dir: Path, root: Path, tools: ToolNames, *, no
                 break
             runs.append(run)
             if run.returncode != 0 or turn.expect not in run.stdout:
-                failure = (f"{turn.label}: claude rc={run.returncode}, expected {turn.expect!r} on stdout\n"
-                           f"stdout: {run.stdout[-1500:]}\nstderr: {run.stderr[-1500:]}")
+                failure = (
+                    f"{turn.label}: claude rc={run.returncode}, expected {turn.expect!r} on stdout\n"
+                    f"stdout: {run.stdout[-1500:]}\nstderr: {run.stderr[-1500:]}"
+                )
                 break
     wall = time.monotonic() - t0
     records, rejected = analyse(stack, model_dir)
     return {
         "normalize": normalize,
         "stability_addon": stack.stability,
-        "turns": [{"label": r.label, "argv": r.argv, "rc": r.returncode, "seconds": r.seconds,
-                   "stdout": r.stdout.strip()[-500:], "stderr": r.stderr.strip()[-500:]} for r in runs],
+        "turns": [
+            {
+                "label": r.label,
+                "argv": r.argv,
+                "rc": r.returncode,
+                "seconds": r.seconds,
+                "stdout": r.stdout.strip()[-500:],
+                "stderr": r.stderr.strip()[-500:],
+            }
+            for r in runs
+        ],
         "requests": [asdict(r) for r in records],
         "totals": totals(records),
         "server_rejections": rejected,
@@ -700,7 +871,9 @@ def resolve_model(model: str | None, root: Path) -> Path:
 COMPACT_FIRST, COMPACT_SECOND, COMPACT_ROOM = 1500, 2500, 3500
 
 
-def run_compaction(cli: Path, model_dir: Path, root: Path, tools: ToolNames, first_request: dict[str, Any]) -> dict[str, Any]:
+def run_compaction(
+    cli: Path, model_dir: Path, root: Path, tools: ToolNames, first_request: dict[str, Any]
+) -> dict[str, Any]:
     """Session C against a server whose context limit the second turn exceeds: the server answers
     `prompt is too long: N tokens > M maximum`, the CLI compacts and resends the turn."""
     renderer = PromptRenderer(model_dir)
@@ -711,24 +884,45 @@ def run_compaction(cli: Path, model_dir: Path, root: Path, tools: ToolNames, fir
     return run
 
 
-def run_comparison(cli: Path, model_dir: Path, root: Path, *, modes: tuple[bool, ...] = (True, False),
-                   probed: tuple[ToolNames, dict[str, Any]] | None = None, max_context: int = MAX_CONTEXT,
-                   compaction: bool = True) -> dict[str, Any]:
+def run_comparison(
+    cli: Path,
+    model_dir: Path,
+    root: Path,
+    *,
+    modes: tuple[bool, ...] = (True, False),
+    probed: tuple[ToolNames, dict[str, Any]] | None = None,
+    max_context: int = MAX_CONTEXT,
+    compaction: bool = True,
+) -> dict[str, Any]:
     """Probe the tool list once (unless given), then the same sessions with normalize on and off,
     then session C (the CLI compacting on a prompt over the server's limit)."""
     tools, probe = probed or probe_tools(cli, root / "probe")
-    result: dict[str, Any] = {"cli_version": cli_version(cli), "cli_model": CLI_MODEL, "model": str(model_dir),
-                              "probe": {k: v for k, v in probe.items() if k != "first_request"}, "runs": {}}
+    result: dict[str, Any] = {
+        "cli_version": cli_version(cli),
+        "cli_model": CLI_MODEL,
+        "model": str(model_dir),
+        "probe": {k: v for k, v in probe.items() if k != "first_request"},
+        "runs": {},
+    }
     for normalize in modes:
         name = "normalize_on" if normalize else "normalize_off"
-        result["runs"][name] = run_sessions(cli, model_dir, root / name, tools, normalize=normalize, max_context=max_context)
+        result["runs"][name] = run_sessions(
+            cli, model_dir, root / name, tools, normalize=normalize, max_context=max_context
+        )
     if compaction:
-        result["runs"]["compaction"] = run_compaction(cli, model_dir, root / "compaction", tools, probe["first_request"])
+        result["runs"]["compaction"] = run_compaction(
+            cli, model_dir, root / "compaction", tools, probe["first_request"]
+        )
     on, off = result["runs"].get("normalize_on"), result["runs"].get("normalize_off")
     if on and off:
-        result["comparison"] = {"prefilled_on": on["totals"]["prefilled"], "prefilled_off": off["totals"]["prefilled"],
-                                "ideal_on": on["totals"].get("ideal_prefilled"), "ideal_off": off["totals"].get("ideal_prefilled"),
-                                "ttft_on_s": on["totals"]["ttft_s"], "ttft_off_s": off["totals"]["ttft_s"]}
+        result["comparison"] = {
+            "prefilled_on": on["totals"]["prefilled"],
+            "prefilled_off": off["totals"]["prefilled"],
+            "ideal_on": on["totals"].get("ideal_prefilled"),
+            "ideal_off": off["totals"].get("ideal_prefilled"),
+            "ttft_on_s": on["totals"]["ttft_s"],
+            "ttft_off_s": off["totals"]["ttft_s"],
+        }
     return result
 
 
@@ -770,7 +964,21 @@ class Tmux:
         return proc.stdout
 
     def start(self, command: str, cwd: Path, width: int = 200, height: int = 50) -> None:
-        self._run("-f", "/dev/null", "new-session", "-d", "-s", self.session, "-x", str(width), "-y", str(height), "-c", str(cwd), command)
+        self._run(
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            self.session,
+            "-x",
+            str(width),
+            "-y",
+            str(height),
+            "-c",
+            str(cwd),
+            command,
+        )
         self._run("set-option", "-t", self.session, "remain-on-exit", "on", check=False)
         self.pane_pid = int(self._run("display-message", "-p", "-t", self.session, "#{pane_pid}").strip())
 
@@ -825,15 +1033,23 @@ def _wait_screen(tmux: Tmux, pattern: str, timeout: float, screens: list[str], a
     raise E2EError(f"interactive: {pattern!r} did not appear within {timeout:.0f}s; screen:\n{screen}")
 
 
-UI_STEPS = (("[[e2e-ui-1]] Say hello.", "E2E-UI-ANSWER-1"),
-            ("[[e2e-ui-2]] Create a file and stage it.", "E2E-UI-ANSWER-2"),  # Bash calls that auto mode's
-            ("[[e2e-ui-2b]] Unstage it again.", "E2E-UI-ANSWER-2B"),          # classifier checks and allows
-            ("/compact", "Compacted"),
-            ("[[e2e-ui-3]] Are you still there?", "E2E-UI-ANSWER-3"))
+UI_STEPS = (
+    ("[[e2e-ui-1]] Say hello.", "E2E-UI-ANSWER-1"),
+    ("[[e2e-ui-2]] Create a file and stage it.", "E2E-UI-ANSWER-2"),  # Bash calls that auto mode's
+    ("[[e2e-ui-2b]] Unstage it again.", "E2E-UI-ANSWER-2B"),  # classifier checks and allows
+    ("/compact", "Compacted"),
+    ("[[e2e-ui-3]] Are you still there?", "E2E-UI-ANSWER-3"),
+)
 
 
-def run_interactive(cli: Path, model_dir: Path, root: Path, tools: ToolNames | None = None,
-                    timeout: float = TURN_TIMEOUT, max_context: int = MAX_CONTEXT) -> dict[str, Any]:
+def run_interactive(
+    cli: Path,
+    model_dir: Path,
+    root: Path,
+    tools: ToolNames | None = None,
+    timeout: float = TURN_TIMEOUT,
+    max_context: int = MAX_CONTEXT,
+) -> dict[str, Any]:
     """`claude --permission-mode auto` under tmux: first-run dialogs, a text answer, a Bash call the
     auto-mode classifier (served locally) allows, /compact, and one more prompt."""
     root.mkdir(parents=True, exist_ok=True)
@@ -852,10 +1068,21 @@ def run_interactive(cli: Path, model_dir: Path, root: Path, tools: ToolNames | N
     t0 = time.monotonic()
     with chain(root, model_dir, script, normalize=True, max_context=max_context) as stack:
         env = cli_env(home, stack.proxy_port)
-        keep = ("HOME", "PATH", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "IS_SANDBOX",
-                "CLAUDE_CODE_AUTO_MODE_SERVER", "LANG", "LC_ALL")
+        keep = (
+            "HOME",
+            "PATH",
+            "ANTHROPIC_BASE_URL",
+            "ANTHROPIC_API_KEY",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+            "IS_SANDBOX",
+            "CLAUDE_CODE_AUTO_MODE_SERVER",
+            "LANG",
+            "LC_ALL",
+        )
         env_args = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items() if k in keep)
-        command = f"env -i {env_args} TERM=xterm-256color {shlex.quote(str(cli))} --model {CLI_MODEL} --permission-mode auto"
+        command = (
+            f"env -i {env_args} TERM=xterm-256color {shlex.quote(str(cli))} --model {CLI_MODEL} --permission-mode auto"
+        )
         tmux = Tmux("ccwarm-e2e")
         try:
             tmux.start(command, work)
@@ -878,10 +1105,17 @@ def run_interactive(cli: Path, model_dir: Path, root: Path, tools: ToolNames | N
             screens.append(tmux.screen())
             tmux.close()
     records, rejected = analyse(stack, model_dir)
-    return {"steps": steps, "dialogs_answered": answered, "screens": screens, "failure": failure,
-            "wall_s": round(time.monotonic() - t0, 2),
-            "requests": [asdict(r) for r in records], "totals": totals(records), "server_rejections": rejected,
-            "logs": {"server": str(stack.server_log), "mitmdump": str(stack.mitm_log), "flows": str(stack.flows)}}
+    return {
+        "steps": steps,
+        "dialogs_answered": answered,
+        "screens": screens,
+        "failure": failure,
+        "wall_s": round(time.monotonic() - t0, 2),
+        "requests": [asdict(r) for r in records],
+        "totals": totals(records),
+        "server_rejections": rejected,
+        "logs": {"server": str(stack.server_log), "mitmdump": str(stack.mitm_log), "flows": str(stack.flows)},
+    }
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -896,7 +1130,20 @@ def _fmt(v: Any) -> str:
 
 
 def table(run: dict[str, Any]) -> str:
-    head = ["#", "sess", "kind", "prompt", "restored", "prefilled", "ideal", "sys+tools", "ttft s", "billing fwd", "reply", "stability"]
+    head = [
+        "#",
+        "sess",
+        "kind",
+        "prompt",
+        "restored",
+        "prefilled",
+        "ideal",
+        "sys+tools",
+        "ttft s",
+        "billing fwd",
+        "reply",
+        "stability",
+    ]
     rows = []
     for r in run["requests"]:
         reply = (r["reply"] or "").replace("\n", " ")
@@ -905,15 +1152,48 @@ def table(run: dict[str, Any]) -> str:
         verdict = r["verdict"]
         if r.get("cross_session"):
             verdict += f" (new session: see #{r['n']} below)"
-        rows.append([r["n"], r["session"], r["kind"], r["prompt"], r["restored"], r["prefilled"], r["ideal_prefilled"],
-                     r["system_tools"], r["ttft_s"], "yes" if r["billing_forwarded"] else "no", reply[:28], verdict[:90]])
+        rows.append(
+            [
+                r["n"],
+                r["session"],
+                r["kind"],
+                r["prompt"],
+                r["restored"],
+                r["prefilled"],
+                r["ideal_prefilled"],
+                r["system_tools"],
+                r["ttft_s"],
+                "yes" if r["billing_forwarded"] else "no",
+                reply[:28],
+                verdict[:90],
+            ]
+        )
     t = run["totals"]
-    rows.append(["", "", "total", t["prompt"], t["restored"], t["prefilled"], t.get("ideal_prefilled"), "", t["ttft_s"], "", "", ""])
+    rows.append(
+        [
+            "",
+            "",
+            "total",
+            t["prompt"],
+            t["restored"],
+            t["prefilled"],
+            t.get("ideal_prefilled"),
+            "",
+            t["ttft_s"],
+            "",
+            "",
+            "",
+        ]
+    )
     cells = [[_fmt(c) for c in row] for row in [head, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
     left = (1, 2, 9, 10, 11)
-    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
-             for row in cells]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [f"#{r['n']} {r['cross_session']}" for r in run["requests"] if r.get("cross_session")]
     return "\n".join(lines)
@@ -922,17 +1202,24 @@ def table(run: dict[str, Any]) -> str:
 def report(result: dict[str, Any]) -> str:
     out = []
     for name, run in result.get("runs", {}).items():
-        out.append(f"\n== {name} (stability addon: {'yes' if run['stability_addon'] else 'no'}; wall {run['wall_s']}s) ==")
+        out.append(
+            f"\n== {name} (stability addon: {'yes' if run['stability_addon'] else 'no'}; wall {run['wall_s']}s) =="
+        )
         out.append(table(run))
         if run["server_rejections"]:
-            out.append("server rejected: " + "; ".join(f"{r['status']} {r['path']}: {r['message']}" for r in run["server_rejections"]))
+            out.append(
+                "server rejected: "
+                + "; ".join(f"{r['status']} {r['path']}: {r['message']}" for r in run["server_rejections"])
+            )
         if run["failure"]:
             out.append("FAILED: " + run["failure"])
     if "comparison" in result:
         c = result["comparison"]
-        out.append(f"\nprefilled tokens: normalize on {c['prefilled_on']} (ideal {c['ideal_on']}), "
-                   f"normalize off {c['prefilled_off']} (ideal {c['ideal_off']}); "
-                   f"summed TTFT {c['ttft_on_s']}s on vs {c['ttft_off_s']}s off")
+        out.append(
+            f"\nprefilled tokens: normalize on {c['prefilled_on']} (ideal {c['ideal_on']}), "
+            f"normalize off {c['prefilled_off']} (ideal {c['ideal_off']}); "
+            f"summed TTFT {c['ttft_on_s']}s on vs {c['ttft_off_s']}s off"
+        )
     if "interactive" in result:
         ui = result["interactive"]
         out.append(f"\n== interactive (tmux; wall {ui['wall_s']}s) ==")
@@ -950,11 +1237,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model for the companion server (default: the tiny random-weight test model)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results (default: %(default)s)")
-    ap.add_argument("--interactive", action="store_true", help="drive the interactive UI under tmux instead of `claude -p`")
-    ap.add_argument("--max-context", type=int, default=MAX_CONTEXT, help="the server's context limit in tokens (default: %(default)s)")
+    ap.add_argument(
+        "--interactive", action="store_true", help="drive the interactive UI under tmux instead of `claude -p`"
+    )
+    ap.add_argument(
+        "--max-context",
+        type=int,
+        default=MAX_CONTEXT,
+        help="the server's context limit in tokens (default: %(default)s)",
+    )
     ap.add_argument("--only", choices=("on", "off"), help="run only normalize on or off")
-    ap.add_argument("--keep", type=Path,
-                    help="keep logs, flow files and workspaces under this folder (default: a temp folder, removed unless the run fails)")
+    ap.add_argument(
+        "--keep",
+        type=Path,
+        help="keep logs, flow files and workspaces under this folder (default: a temp folder, removed unless the run "
+        "fails)",
+    )
     args = ap.parse_args(argv)
 
     cli = ensure_cli()
@@ -964,8 +1262,11 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = resolve_model(args.model, root)
         if args.interactive:
             ensure_tmux()
-            result: dict[str, Any] = {"cli_version": cli_version(cli), "model": str(model_dir),
-                                      "interactive": run_interactive(cli, model_dir, root / "interactive", max_context=args.max_context)}
+            result: dict[str, Any] = {
+                "cli_version": cli_version(cli),
+                "model": str(model_dir),
+                "interactive": run_interactive(cli, model_dir, root / "interactive", max_context=args.max_context),
+            }
             failed = bool(result["interactive"]["failure"])
         else:
             modes = {"on": (True,), "off": (False,)}.get(args.only or "", (True, False))

@@ -49,10 +49,23 @@ class Stack:
         self.proxy_port, self.server_port = free_port(), free_port()
         self.log_path = log
         self._log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "scripts/run_stack.py", "--proxy-port", str(self.proxy_port),
-                                      "--server-port", str(self.server_port), "--cache-dir", str(cache_dir)],
-                                     cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "scripts/run_stack.py",
+                "--proxy-port",
+                str(self.proxy_port),
+                "--server-port",
+                str(self.server_port),
+                "--cache-dir",
+                str(cache_dir),
+            ],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 1800.0) -> str:
         deadline = time.monotonic() + timeout
@@ -103,9 +116,16 @@ def workspace(root: Path) -> tuple[Path, Path]:
 def turn(cli: Path, env: dict[str, str], work: Path, prompt: str, cont: bool) -> dict[str, Any]:
     argv = [str(cli), "-p", prompt] + (["--continue"] if cont else [])
     t0 = time.monotonic()
-    proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=TURN_TIMEOUT, stdin=subprocess.DEVNULL)
-    return {"prompt": prompt, "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1),
-            "stdout": proc.stdout.strip()[-400:], "stderr": proc.stderr.strip()[-400:]}
+    proc = subprocess.run(
+        argv, cwd=work, env=env, capture_output=True, text=True, timeout=TURN_TIMEOUT, stdin=subprocess.DEVNULL
+    )
+    return {
+        "prompt": prompt,
+        "rc": proc.returncode,
+        "seconds": round(time.monotonic() - t0, 1),
+        "stdout": proc.stdout.strip()[-400:],
+        "stderr": proc.stderr.strip()[-400:],
+    }
 
 
 def interactive(cli: Path, env: dict[str, str], work: Path, prompt: str) -> dict[str, Any]:
@@ -117,7 +137,9 @@ def interactive(cli: Path, env: dict[str, str], work: Path, prompt: str) -> dict
     screens: list[str] = []
     answered: list[str] = []
     keep = ("HOME", "PATH", "LANG", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC")
-    env_args = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items() if k in keep or k.startswith(("ANTHROPIC_", "CLAUDE_", "API_")))
+    env_args = " ".join(
+        shlex.quote(f"{k}={v}") for k, v in env.items() if k in keep or k.startswith(("ANTHROPIC_", "CLAUDE_", "API_"))
+    )
     t0 = time.monotonic()
     try:
         tmux.start(f"env -i {env_args} TERM=xterm-256color {shlex.quote(str(cli))}", work)
@@ -128,9 +150,13 @@ def interactive(cli: Path, env: dict[str, str], work: Path, prompt: str) -> dict
         started = time.monotonic()
         # Answered when the spinner line says how long it took ("✻ Cooked for 12s").
         screen = e2e._wait_screen(tmux, r"✻ \w+ for \d", TURN_TIMEOUT, screens, answered)
-        return {"prompt": prompt, "seconds": round(time.monotonic() - started, 1), "dialogs": answered,
-                "screen": "\n".join(line for line in screen.splitlines() if line.strip())[-1500:],
-                "wall_s": round(time.monotonic() - t0, 1)}
+        return {
+            "prompt": prompt,
+            "seconds": round(time.monotonic() - started, 1),
+            "dialogs": answered,
+            "screen": "\n".join(line for line in screen.splitlines() if line.strip())[-1500:],
+            "wall_s": round(time.monotonic() - t0, 1),
+        }
     except e2e.E2EError as e:
         return {"prompt": prompt, "failure": str(e)[-1500:], "dialogs": answered}
     finally:
@@ -146,11 +172,16 @@ def summary(reqs: list[dict[str, Any]]) -> dict[str, Any]:
         attempts.setdefault(r["prompt"], []).append(r)
     ideal = sum(group[0]["prompt"] - group[0]["restored"] for group in attempts.values())
     prefilled = sum(r["prefilled"] for r in reqs)
-    return {"requests": len(reqs), "answered": sum(r["outcome"] not in ("cancelled", "shutdown", "failed") for r in reqs),
-            "cancelled": sum(r["outcome"] == "cancelled" for r in reqs), "resumed": sum(r["resumed"] for r in reqs),
-            "prefilled": prefilled, "ideal_prefilled": ideal,
-            "prefilled_over_ideal": round(prefilled / ideal, 3) if ideal else None,
-            "ttft_s": [r["ttft_s"] for r in reqs]}
+    return {
+        "requests": len(reqs),
+        "answered": sum(r["outcome"] not in ("cancelled", "shutdown", "failed") for r in reqs),
+        "cancelled": sum(r["outcome"] == "cancelled" for r in reqs),
+        "resumed": sum(r["resumed"] for r in reqs),
+        "prefilled": prefilled,
+        "ideal_prefilled": ideal,
+        "prefilled_over_ideal": round(prefilled / ideal, 3) if ideal else None,
+        "ttft_s": [r["ttft_s"] for r in reqs],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             t = turn(cli, env, work, prompt, cont)
             t["server"] = summary(stack.requests()[before:])
             result["turns"].append(t)
-            print(f"\n{prompt!r}: rc={t['rc']} in {t['seconds']}s, server {t['server']}: {t['stdout'][:200]!r}", flush=True)
+            print(
+                f"\n{prompt!r}: rc={t['rc']} in {t['seconds']}s, server {t['server']}: {t['stdout'][:200]!r}",
+                flush=True,
+            )
         if not args.no_ui:
             before = len(stack.requests())
             ui = interactive(cli, env, work, "What does this folder hold?")

@@ -69,8 +69,10 @@ LOCAL_MODEL_NAME = "claude-ccwarm-local"
 def banner(proxy_port: int, upstream: str, tool: str, token: str | None = None, env_line: str = "") -> str:
     web = ""
     if tool == "mitmweb":
-        web = (f"\nmitmweb's UI: http://127.0.0.1:{WEB_PORT}/?token={token} "
-               "(flows that break the cached prefix are marked)\n")
+        web = (
+            f"\nmitmweb's UI: http://127.0.0.1:{WEB_PORT}/?token={token} "
+            "(flows that break the cached prefix are marked)\n"
+        )
     return f"""
 ccwarm is running: proxy 127.0.0.1:{proxy_port} -> {upstream}
 {web}
@@ -96,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="mlx-lm model directory or Hugging Face repo id (default: bundled SmolLM2-135M)")
     ap.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
     ap.add_argument("--max-output-tokens", type=int, default=DEFAULT_MAX_OUTPUT)
-    ap.add_argument("--cache-dir", help="the server's model and snapshot folder (default: the server's, ~/.cache/ccwarm)")
+    ap.add_argument(
+        "--cache-dir", help="the server's model and snapshot folder (default: the server's, ~/.cache/ccwarm)"
+    )
     ap.add_argument("--web", action="store_true", help="use mitmweb (UI on http://127.0.0.1:8081) instead of mitmdump")
     args = ap.parse_args(argv)
 
@@ -108,11 +112,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             upstream = args.upstream
             if upstream is None:
-                server_args = ["--max-context", str(args.max_context), "--max-output-tokens", str(args.max_output_tokens)]
+                server_args = [
+                    "--max-context",
+                    str(args.max_context),
+                    "--max-output-tokens",
+                    str(args.max_output_tokens),
+                ]
                 server_args += ["--model", args.model] if args.model else []
                 server_args += ["--cache-dir", args.cache_dir] if args.cache_dir else []
-                print(f"run: starting the companion server on 127.0.0.1:{args.server_port} "
-                      "(the first run converts the default model)", flush=True)
+                print(
+                    f"run: starting the companion server on 127.0.0.1:{args.server_port} "
+                    "(the first run converts the default model)",
+                    flush=True,
+                )
                 server = ServerProcess(*server_args, log_path=None, port=args.server_port, timeout=1800)
                 stack.callback(server.stop)
                 upstream = server.url
@@ -123,20 +135,32 @@ def main(argv: list[str] | None = None) -> int:
             token = None
             if args.web:
                 token, hashed = web_token()
-                cmd += ["--set", "web_open_browser=false", "--set", f"web_port={WEB_PORT}", "--set", f"web_password={hashed}"]
+                cmd += [
+                    "--set",
+                    "web_open_browser=false",
+                    "--set",
+                    f"web_port={WEB_PORT}",
+                    "--set",
+                    f"web_password={hashed}",
+                ]
             proxy = subprocess.Popen(cmd, cwd=REPO)
             stack.callback(stop_process, proxy)
             wait_for_port(args.proxy_port, proxy)
             if args.web:
                 wait_for_port(WEB_PORT, proxy)
             local = args.upstream is None
-            env_line = claude_env(args.proxy_port, args.max_context if local else None, args.max_output_tokens if local else None)
+            env_line = claude_env(
+                args.proxy_port, args.max_context if local else None, args.max_output_tokens if local else None
+            )
             print(banner(args.proxy_port, upstream, tool, token, env_line), flush=True)
             children = [proxy] + ([server.proc] if args.upstream is None else [])
             while all(p.poll() is None for p in children):
                 time.sleep(0.5)
             gone = next(p for p in children if p.poll() is not None)
-            print(f"run: the {'proxy' if gone is proxy else 'server'} exited with code {gone.returncode}; stopping", file=sys.stderr)
+            print(
+                f"run: the {'proxy' if gone is proxy else 'server'} exited with code {gone.returncode}; stopping",
+                file=sys.stderr,
+            )
             return gone.returncode or 1
         except KeyboardInterrupt:
             print("run: stopping", flush=True)

@@ -88,8 +88,9 @@ class Soak:
             self.add(Sample(time.monotonic() - self.t0, kind, label, 0, 0, 0.0, error=f"{type(e).__name__}: {e}"[:300]))
             return None
         restored = usage.get("cache_read_input_tokens", 0)
-        message["_sample"] = Sample(time.monotonic() - self.t0, kind, label, restored + usage.get("input_tokens", 0),
-                                    restored, ttft)
+        message["_sample"] = Sample(
+            time.monotonic() - self.t0, kind, label, restored + usage.get("input_tokens", 0), restored, ttft
+        )
         return message
 
     # -- the three threads ---------------------------------------------------------------------------
@@ -99,7 +100,9 @@ class Soak:
         with httpx.Client(base_url=self.url, timeout=3600) as client:
             while self.running():
                 conversation += 1
-                msgs = [replay.gen.first_user_message(f"Conversation {conversation}: what does the build do? [[turn 1]]")]
+                msgs = [
+                    replay.gen.first_user_message(f"Conversation {conversation}: what does the build do? [[turn 1]]")
+                ]
                 previous_prompt = 0
                 for turn in range(1, self.main_turns + 1):
                     if not self.running():
@@ -112,8 +115,10 @@ class Soak:
                     sample.lost = turn > 1 and sample.restored < previous_prompt
                     self.add(sample)
                     previous_prompt = sample.prompt
-                    msgs = msgs + [{"role": "assistant", "content": answer["content"]},
-                                   replay.tool_results(answer, f"[[turn {turn + 1}]]")]
+                    msgs = msgs + [
+                        {"role": "assistant", "content": answer["content"]},
+                        replay.tool_results(answer, f"[[turn {turn + 1}]]"),
+                    ]
                     self.transcript = msgs
 
     def subagent_thread(self, replay: Replay) -> None:
@@ -125,13 +130,22 @@ class Soak:
                 agent = f"agent-soak-{n:04d}"
                 sub = [{"role": "user", "content": f"Task {n}: find where the configuration is read. [[sub 1]]"}]
                 for k in (1, 2):
-                    body, headers = replay.request(sub, tools=replay.tools[:8], subagent=True, instructions=instructions,
-                                                   label=f"subagent {n}.{k}", agent_id=agent)
+                    body, headers = replay.request(
+                        sub,
+                        tools=replay.tools[:8],
+                        subagent=True,
+                        instructions=instructions,
+                        label=f"subagent {n}.{k}",
+                        agent_id=agent,
+                    )
                     answer = self._stream(client, "subagent", f"subagent {n}.{k}", body, headers)
                     if answer is None:
                         break
                     self.add(answer.pop("_sample"))
-                    sub = sub + [{"role": "assistant", "content": answer["content"]}, replay.tool_results(answer, "[[sub 2]]")]
+                    sub = sub + [
+                        {"role": "assistant", "content": answer["content"]},
+                        replay.tool_results(answer, "[[sub 2]]"),
+                    ]
                 time.sleep(2.0)  # the CLI launches agents now and then, not back to back
 
     def classifier_thread(self) -> None:
@@ -142,7 +156,9 @@ class Soak:
                 time.sleep(5.0)
                 transcript = [{"user": "what does the build do?"}]
                 for m in getattr(self, "transcript", [])[1:]:
-                    blocks = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+                    blocks = (
+                        m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+                    )
                     for b in blocks:
                         if b.get("type") == "tool_use":
                             transcript.append({"tool": b["name"], "input": b["input"]})
@@ -156,11 +172,29 @@ class Soak:
                         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
                     usage = r.json()["usage"]
                 except Exception as e:  # noqa: BLE001
-                    self.add(Sample(t - self.t0, "classifier", f"classifier {n}", 0, 0, 0.0, error=f"{type(e).__name__}: {e}"[:300]))
+                    self.add(
+                        Sample(
+                            t - self.t0,
+                            "classifier",
+                            f"classifier {n}",
+                            0,
+                            0,
+                            0.0,
+                            error=f"{type(e).__name__}: {e}"[:300],
+                        )
+                    )
                     continue
                 restored = usage.get("cache_read_input_tokens", 0)
-                self.add(Sample(t - self.t0, "classifier", f"classifier {n}", restored + usage["input_tokens"], restored,
-                                time.monotonic() - t))
+                self.add(
+                    Sample(
+                        t - self.t0,
+                        "classifier",
+                        f"classifier {n}",
+                        restored + usage["input_tokens"],
+                        restored,
+                        time.monotonic() - t,
+                    )
+                )
 
 
 def sample_resources(server_pid: int, cache_dir: Path, server_url: str, soak: Soak, out: list[dict]) -> None:
@@ -175,9 +209,15 @@ def sample_resources(server_pid: int, cache_dir: Path, server_url: str, soak: So
             stats = httpx.get(server_url + "/v1/cache/stats", timeout=10).json()
         except httpx.HTTPError:
             stats = {}
-        out.append({"t": round(time.monotonic() - soak.t0, 1), "rss_mib": round(rss_kb / 1024, 1),
-                    "disk_mib": round(disk / 2**20, 1), "snapshot_memory_mib": round(stats.get("memory_bytes", 0) / 2**20, 1),
-                    "snapshot_disk_mib": round(stats.get("disk_bytes", 0) / 2**20, 1)})
+        out.append(
+            {
+                "t": round(time.monotonic() - soak.t0, 1),
+                "rss_mib": round(rss_kb / 1024, 1),
+                "disk_mib": round(disk / 2**20, 1),
+                "snapshot_memory_mib": round(stats.get("memory_bytes", 0) / 2**20, 1),
+                "snapshot_disk_mib": round(stats.get("disk_bytes", 0) / 2**20, 1),
+            }
+        )
         time.sleep(5.0)
 
 
@@ -187,16 +227,25 @@ def summarize(samples: list[Sample], resources: list[dict]) -> dict[str, Any]:
         ok = [s for s in samples if s.kind == kind and not s.error]
         ttfts = sorted(s.ttft_s for s in ok) or [0.0]
         kinds[kind] = {
-            "requests": len(ok), "errors": sum(1 for s in samples if s.kind == kind and s.error),
+            "requests": len(ok),
+            "errors": sum(1 for s in samples if s.kind == kind and s.error),
             "restored_over_prompt": round(sum(s.restored for s in ok) / max(1, sum(s.prompt for s in ok)), 4),
-            "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(ttfts[int(0.95 * (len(ttfts) - 1))], 3),
+            "ttft_p50_s": round(statistics.median(ttfts), 3),
+            "ttft_p95_s": round(ttfts[int(0.95 * (len(ttfts) - 1))], 3),
         }
     warm_main = [s for s in samples if s.kind == "main" and not s.error and not s.label.endswith(".1")]
     return {
-        "kinds": kinds, "errors": sum(1 for s in samples if s.error),
-        "warm_main_turns": len(warm_main), "lost_main_turns": sum(1 for s in samples if s.lost),
-        "rss_mib": {"first": resources[0]["rss_mib"], "max": max(r["rss_mib"] for r in resources),
-                    "last": resources[-1]["rss_mib"]} if resources else {},
+        "kinds": kinds,
+        "errors": sum(1 for s in samples if s.error),
+        "warm_main_turns": len(warm_main),
+        "lost_main_turns": sum(1 for s in samples if s.lost),
+        "rss_mib": {
+            "first": resources[0]["rss_mib"],
+            "max": max(r["rss_mib"] for r in resources),
+            "last": resources[-1]["rss_mib"],
+        }
+        if resources
+        else {},
         "disk_mib_max": max((r["disk_mib"] for r in resources), default=0),
         "snapshot_memory_mib_max": max((r["snapshot_memory_mib"] for r in resources), default=0),
     }
@@ -214,18 +263,25 @@ def chart(samples: list[Sample], resources: list[dict], path: Path) -> None:
         top.scatter([s.t / 60 for s in pts], [s.ttft_s for s in pts], marker=marker, s=14, label=kind)
     lost = [s for s in samples if s.lost]
     if lost:
-        top.scatter([s.t / 60 for s in lost], [s.ttft_s for s in lost], marker="x", color="red", s=60, label="lost main turn")
+        top.scatter(
+            [s.t / 60 for s in lost], [s.ttft_s for s in lost], marker="x", color="red", s=60, label="lost main turn"
+        )
     top.set_yscale("log")
     top.set_ylabel("time to first token (s, log)")
     top.legend(fontsize=8)
     ts = [r["t"] / 60 for r in resources]
-    for key, label in (("rss_mib", "server RSS"), ("snapshot_memory_mib", "snapshots in memory"),
-                       ("disk_mib", "cache folder on disk")):
+    for key, label in (
+        ("rss_mib", "server RSS"),
+        ("snapshot_memory_mib", "snapshots in memory"),
+        ("disk_mib", "cache folder on disk"),
+    ):
         bottom.plot(ts, [r[key] for r in resources], label=label)
     bottom.set_xlabel("minutes")
     bottom.set_ylabel("MiB")
     bottom.legend(fontsize=8)
-    fig.suptitle("Soak: main thread, sub-agents and classifier requests at once (--cache-memory 200MB --cache-disk 300MB)")
+    fig.suptitle(
+        "Soak: main thread, sub-agents and classifier requests at once (--cache-memory 200MB --cache-disk 300MB)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -247,19 +303,41 @@ def main() -> int:
     script = work / "script.json"
     script.write_text(json.dumps(replay.script()))
     cache_dir = work / "cache"
-    server_args = ("--model", str(model), "--cache-dir", str(cache_dir), "--max-context", "200000",
-                   "--test-forced-replies", str(script), "--cache-memory", args.cache_memory, "--cache-disk", args.cache_disk)
+    server_args = (
+        "--model",
+        str(model),
+        "--cache-dir",
+        str(cache_dir),
+        "--max-context",
+        "200000",
+        "--test-forced-replies",
+        str(script),
+        "--cache-memory",
+        args.cache_memory,
+        "--cache-disk",
+        args.cache_disk,
+    )
     resources: list[dict] = []
-    print(f"soak: {args.minutes:g} min, --cache-memory {args.cache_memory} --cache-disk {args.cache_disk}; work in {work}",
-          flush=True)
-    with companion_server(*server_args, log=work / "server.log") as server, \
-            mitmdump(server.port, "addons/normalize.py", options=("termlog_verbosity=warn",)) as (port, _):
+    print(
+        f"soak: {args.minutes:g} min, --cache-memory {args.cache_memory} --cache-disk {args.cache_disk}; work in "
+        f"{work}",
+        flush=True,
+    )
+    with (
+        companion_server(*server_args, log=work / "server.log") as server,
+        mitmdump(server.port, "addons/normalize.py", options=("termlog_verbosity=warn",)) as (port, _),
+    ):
         soak = Soak(f"http://127.0.0.1:{port}", time.monotonic() + args.minutes * 60, args.main_turns)
-        threads = [threading.Thread(target=soak.main_thread, args=(replay,), name="main"),
-                   threading.Thread(target=soak.subagent_thread, args=(Replay(replay.gen.spec, args.main_turns),), name="sub"),
-                   threading.Thread(target=soak.classifier_thread, name="classifier"),
-                   threading.Thread(target=sample_resources, args=(server.proc.pid, cache_dir, server.url, soak, resources),
-                                    name="resources")]
+        threads = [
+            threading.Thread(target=soak.main_thread, args=(replay,), name="main"),
+            threading.Thread(target=soak.subagent_thread, args=(Replay(replay.gen.spec, args.main_turns),), name="sub"),
+            threading.Thread(target=soak.classifier_thread, name="classifier"),
+            threading.Thread(
+                target=sample_resources,
+                args=(server.proc.pid, cache_dir, server.url, soak, resources),
+                name="resources",
+            ),
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -269,10 +347,16 @@ def main() -> int:
         traceback_in_log = "Traceback" in server.log()
     summary = summarize(soak.samples, resources)
     summary["traceback_in_server_log"] = traceback_in_log
-    results = {"machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
-               "minutes": args.minutes, "cache_memory": args.cache_memory, "cache_disk": args.cache_disk,
-               "summary": summary, "final_stats": final_stats, "resources": resources,
-               "samples": [asdict(s) for s in soak.samples]}
+    results = {
+        "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count()},
+        "minutes": args.minutes,
+        "cache_memory": args.cache_memory,
+        "cache_disk": args.cache_disk,
+        "summary": summary,
+        "final_stats": final_stats,
+        "resources": resources,
+        "samples": [asdict(s) for s in soak.samples],
+    }
     (args.out / "soak.json").write_text(json.dumps(results, indent=2))
     chart(soak.samples, resources, args.out / "soak.png")
     print_report(summary)
@@ -289,12 +373,18 @@ def print_report(summary: dict[str, Any]) -> None:
     print("\n| kind | requests | errors | restored / prompt | TTFT p50 | TTFT p95 |")
     print("|---|---|---|---|---|---|")
     for kind, k in summary["kinds"].items():
-        print(f"| {kind} | {k['requests']} | {k['errors']} | {k['restored_over_prompt']:.3f} | "
-              f"{k['ttft_p50_s']:.2f} s | {k['ttft_p95_s']:.2f} s |")
+        print(
+            f"| {kind} | {k['requests']} | {k['errors']} | {k['restored_over_prompt']:.3f} | "
+            f"{k['ttft_p50_s']:.2f} s | {k['ttft_p95_s']:.2f} s |"
+        )
     rss = summary["rss_mib"]
-    print(f"\nwarm main turns {summary['warm_main_turns']}, lost {summary['lost_main_turns']}; errors {summary['errors']}; "
-          f"server RSS {rss.get('first')} -> max {rss.get('max')} -> {rss.get('last')} MiB; "
-          f"snapshots in memory max {summary['snapshot_memory_mib_max']} MiB; cache folder max {summary['disk_mib_max']} MiB")
+    print(
+        f"\nwarm main turns {summary['warm_main_turns']}, lost {summary['lost_main_turns']}; errors "
+        f"{summary['errors']}; "
+        f"server RSS {rss.get('first')} -> max {rss.get('max')} -> {rss.get('last')} MiB; "
+        f"snapshots in memory max {summary['snapshot_memory_mib_max']} MiB; cache folder max "
+        f"{summary['disk_mib_max']} MiB"
+    )
 
 
 if __name__ == "__main__":

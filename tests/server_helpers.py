@@ -74,7 +74,9 @@ def check_event_order(events: list[tuple[str, dict[str, Any]]]) -> None:
 
 
 def stream_raw(url: str, body: dict[str, Any], headers: dict[str, str] | None = None, timeout: float = 60.0) -> str:
-    with httpx.stream("POST", url + "/v1/messages?beta=true", json={**body, "stream": True}, headers=headers, timeout=timeout) as r:
+    with httpx.stream(
+        "POST", url + "/v1/messages?beta=true", json={**body, "stream": True}, headers=headers, timeout=timeout
+    ) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         return r.read().decode()

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from mitmproxy import io
 
-from ccwarm.synthetic import Request, SessionGenerator, SessionSpec
 from ccwarm.harness import REPO, RecordingUpstream, mitmdump
+from ccwarm.synthetic import Request, SessionGenerator, SessionSpec
 
 SCRIPT = str(REPO / "scripts" / "capture_diff.py")
 SECRET = "sk-ant-test-secret"
@@ -45,14 +45,24 @@ def capture(tmp_path_factory) -> tuple[Path, Path]:
     # Like a model server, the upstream takes a while (0.1 s) on each streamed reply: the diff runs
     # meanwhile, so the flags are on each flow before it completes and is saved.
     upstream = RecordingUpstream(hold_seconds=0.1, hold_always=True)
-    with upstream.serve(), mitmdump(upstream.port, "addons/normalize.py", "addons/stability.py",
-                                    options=(f"save_stream_file={flows}",), log=tmp / "mitmdump.log") as (port, log):
+    with (
+        upstream.serve(),
+        mitmdump(
+            upstream.port,
+            "addons/normalize.py",
+            "addons/stability.py",
+            options=(f"save_stream_file={flows}",),
+            log=tmp / "mitmdump.log",
+        ) as (port, log),
+    ):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             for r in drifted_session():
                 reply = client.post("/v1/messages?beta=true", content=r.raw(), headers=r.headers)
                 reply.raise_for_status()
                 assert "message_stop" in reply.text
-            client.post("/v1/messages/count_tokens?beta=true", content=b'{"messages": []}', headers={"x-api-key": SECRET})
+            client.post(
+                "/v1/messages/count_tokens?beta=true", content=b'{"messages": []}', headers={"x-api-key": SECRET}
+            )
     assert len(upstream.requests) == 11
     return flows, log
 
@@ -89,7 +99,15 @@ def test_json_report_of_the_capture(capture) -> None:
     main = convs["main"]
     assert main["counts"]["requests"] == 7 and len(main["requests"]) == 7
     breaks = [[(b["path"], b["offset"] > 0) for b in r["prefix_breaks"]] for r in main["requests"]]
-    assert breaks == [[], [], [("messages[0].content[0].text", True)], [], [("tools", False)], [("messages[1]", False)], []]
+    assert breaks == [
+        [],
+        [],
+        [("messages[0].content[0].text", True)],
+        [],
+        [("tools", False)],
+        [("messages[1]", False)],
+        [],
+    ]
     date_break = main["requests"][2]["prefix_breaks"][0]
     assert date_break["excerpt"]["old"] == "2" and date_break["excerpt"]["new"] == "3"
     assert main["requests"][1]["compared_to"] == main["requests"][0]["source"]
@@ -105,7 +123,11 @@ def test_html_report_shows_spans_escaped_and_redacted(capture, tmp_path) -> None
     assert proc.returncode == 0, proc.stderr
     assert "# Prompt prefix stability" in proc.stdout and SECRET not in proc.stdout
     html = page.read_text()
-    assert html.startswith("<!doctype html>") and "<script" not in html and "http://" not in html.replace("http://127.0.0.1", "")
+    assert (
+        html.startswith("<!doctype html>")
+        and "<script" not in html
+        and "http://" not in html.replace("http://127.0.0.1", "")
+    )
     assert "<del>2</del>" in html and "<ins>3</ins>" in html
     assert "Plan mode is on. &lt;b&gt;&amp;amp;&lt;/b&gt;" in html and "<b>&amp;</b>" not in html
     assert SECRET not in html
@@ -131,7 +153,9 @@ def test_truncated_flow_file_reports_what_it_read_and_fails(capture, tmp_path) -
 def write_bodies(folder: Path, requests: list[Request], *, with_headers: bool) -> None:
     folder.mkdir()
     for i, r in enumerate(requests):
-        (folder / f"{i:03d}.json").write_text(json.dumps({"headers": r.headers, "body": r.body}) if with_headers else json.dumps(r.body))
+        (folder / f"{i:03d}.json").write_text(
+            json.dumps({"headers": r.headers, "body": r.body}) if with_headers else json.dumps(r.body)
+        )
 
 
 @pytest.mark.parametrize("with_headers", [False, True])
@@ -153,4 +177,6 @@ def test_folder_of_bodies_with_and_without_normalize(tmp_path, with_headers) -> 
     report = json.loads(normalized.stdout)
     assert report["normalize"] is True and report["totals"]["prefix_breaks"] == 0
     assert report["totals"]["compared"] == 6 and report["volatile_blocks"] == []
-    assert all(r["normalize_dropped"][0]["where"] == "system[0]" for c in report["conversations"] for r in c["requests"])
+    assert all(
+        r["normalize_dropped"][0]["where"] == "system[0]" for c in report["conversations"] for r in c["requests"]
+    )

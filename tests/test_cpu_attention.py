@@ -16,8 +16,15 @@ from cache_backend import cpu_attention
 TOLERANCE = 2e-5
 
 
-def _qkv(rows: int, context: int, heads: int = 9, kv_heads: int = 3, dim: int = 64, seed: int = 0,
-         dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array, mx.array]:
+def _qkv(
+    rows: int,
+    context: int,
+    heads: int = 9,
+    kv_heads: int = 3,
+    dim: int = 64,
+    seed: int = 0,
+    dtype: mx.Dtype = mx.float32,
+) -> tuple[mx.array, mx.array, mx.array]:
     key = mx.random.key(seed)
     k1, k2, k3 = mx.random.split(key, 3)
     q = mx.random.normal((1, heads, rows, dim), key=k1).astype(dtype)
@@ -58,8 +65,7 @@ def test_causal_mask_really_hides_later_keys() -> None:
     v2 = np.array(v)
     k2[:, :, 39] += 5.0  # position 39 is the last query's own position: only row 7 sees it
     v2[:, :, 39] -= 5.0
-    moved = np.array(cpu_attention.attention(q, mx.array(k2), mx.array(v2), cache=None, scale=0.25,
-                                             mask="causal"))
+    moved = np.array(cpu_attention.attention(q, mx.array(k2), mx.array(v2), cache=None, scale=0.25, mask="causal"))
     assert np.array_equal(base[:, :, :7], moved[:, :, :7])
     assert not np.allclose(base[:, :, 7], moved[:, :, 7])
 

@@ -17,11 +17,11 @@ import anthropic
 import httpx
 import pytest
 
+from cache_backend.validate import parse_messages_request
 from ccwarm import payload
+from ccwarm.server_proc import ServerProcess
 from ccwarm.stability import compare
 from ccwarm.synthetic_current import CLASSIFIER_SYSTEM, CurrentSession, CurrentSpec
-from cache_backend.validate import parse_messages_request
-from ccwarm.server_proc import ServerProcess
 
 # A shorter classifier prompt than the measured 141 KB keeps the server test quick; the ratios are the same.
 SESSION = CurrentSession(CurrentSpec(seed=3, classifier_bytes=40_000)).session()
@@ -86,7 +86,9 @@ def test_classifier_prompts_share_their_long_prefix(renderer: Any) -> None:
     a, b, c = (renderer.render(parse_messages_request(NORMALIZED[i])) for i in by_label("classifier"))
     assert a.prefix_end > 0.9 * len(a.tokens)  # the 141 KB system prompt is the protected prefix
     for x, y in ((a, b), (b, c)):
-        same = next((k for k, (p, q) in enumerate(zip(x.tokens, y.tokens, strict=False)) if p != q), min(len(x), len(y)))
+        same = next(
+            (k for k, (p, q) in enumerate(zip(x.tokens, y.tokens, strict=False)) if p != q), min(len(x), len(y))
+        )
         assert same >= 0.9 * len(y.tokens)
 
 
@@ -94,7 +96,9 @@ def test_first_party_billing_fields_are_dropped_and_named_when_they_change() -> 
     fp = CurrentSession(CurrentSpec(seed=4, first_party=True)).session()
     first, second = fp[0], fp[1]
     billing = payload.billing_header_of(first.body["system"])
-    assert billing is not None and {"cch", "cc_prompt_id", "cc_turn_origin", "cc_prompt_index", "cc_turn_index"} <= set(billing.fields)
+    assert billing is not None and {"cch", "cc_prompt_id", "cc_turn_origin", "cc_prompt_index", "cc_turn_index"} <= set(
+        billing.fields
+    )
     assert any(b.get("cache_control", {}).get("scope") == "global" for b in first.body["system"])
     stripped = [payload.strip_volatile(r.raw()) for r in (first, second)]
     assert all(s.changed and b"x-anthropic-billing-header" not in s.body for s in stripped)
@@ -119,8 +123,18 @@ def test_identity_comes_from_the_cli_headers() -> None:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("current-cli")
-    srv = ServerProcess("--model", str(tiny_model_dir), "--cache-dir", str(d / "cache"), "--max-context", "200000",
-                        "--max-output-tokens", "4", log_path=d / "server.log", timeout=120)
+    srv = ServerProcess(
+        "--model",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(d / "cache"),
+        "--max-context",
+        "200000",
+        "--max-output-tokens",
+        "4",
+        log_path=d / "server.log",
+        timeout=120,
+    )
     yield srv
     srv.stop()
 
@@ -132,12 +146,18 @@ def test_the_session_is_served_and_cached(server: ServerProcess) -> None:
     figures = []
     for req, body in zip(SESSION, NORMALIZED, strict=True):
         kw = {k: v for k, v in body.items() if k not in ("stream", "max_tokens")}
-        extra = {k: kw.pop(k) for k in list(kw) if k not in ("model", "messages", "system", "tools", "metadata", "stop_sequences")}
-        msg = client.messages.create(max_tokens=4, **kw, extra_body={**extra, "temperature": 0}, extra_headers=req.headers)
+        extra = {
+            k: kw.pop(k)
+            for k in list(kw)
+            if k not in ("model", "messages", "system", "tools", "metadata", "stop_sequences")
+        }
+        msg = client.messages.create(
+            max_tokens=4, **kw, extra_body={**extra, "temperature": 0}, extra_headers=req.headers
+        )
         prompt = msg.usage.input_tokens + msg.usage.cache_read_input_tokens
         figures.append((req.label, prompt, msg.usage.cache_read_input_tokens))
     stats = httpx.get(f"{server.url}/v1/cache/requests", timeout=10).json()["data"]
-    assert [r["outcome"] for r in stats[-len(SESSION):]].count("failed") == 0
+    assert [r["outcome"] for r in stats[-len(SESSION) :]].count("failed") == 0
     last_main = None
     for label, prompt, restored in figures:
         if not label.startswith("main") or label == "main after compact":

@@ -45,9 +45,7 @@ def _answer(path: Path) -> str:
 
     model, tokenizer = load(str(path))
     prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
-    return "".join(
-        r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=24, sampler=make_sampler(0.0))
-    )
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=24, sampler=make_sampler(0.0)))
 
 
 def test_layout(converted: tuple[Path, Path, float]) -> None:
@@ -62,7 +60,12 @@ def test_layout(converted: tuple[Path, Path, float]) -> None:
 
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] == "llama"
-    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (30, 576, 9, 3)
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
+        30,
+        576,
+        9,
+        3,
+    )
     assert cfg["rope_theta"] == 100000.0
     assert cfg["max_position_embeddings"] == 8192
     assert cfg["tie_word_embeddings"] is True

@@ -93,7 +93,9 @@ def test_tools_deferred_tool_and_background_subagent_went_through_the_chain(resu
         assert any(c in ("Agent", "Task") for c in calls), (name, calls)
         sub = [r for r in reqs if r["kind"] == "subagent"]
         assert len(sub) >= 2 and all(r["agent_id"] for r in sub), (name, sub)
-        assert not any(e2e.UNSCRIPTED in (r["reply"] or "") for r in reqs), f"{name}: a request matched no scripted reply"
+        assert not any(e2e.UNSCRIPTED in (r["reply"] or "") for r in reqs), (
+            f"{name}: a request matched no scripted reply"
+        )
         assert all(r["status"] == 200 for r in reqs), [(r["n"], r["status"]) for r in reqs]
         assert result["runs"][name]["server_rejections"] == [], result["runs"][name]["server_rejections"]
 
@@ -155,7 +157,9 @@ def test_a_prompt_over_the_limit_makes_the_cli_compact(result) -> None:
     limit = run["max_context"]
     refused = run["server_rejections"]
     assert refused and all(r["status"] == 400 for r in refused), refused
-    assert all(re.fullmatch(rf"prompt is too long: \d+ tokens > {limit} maximum", r["message"]) for r in refused), refused
+    assert all(re.fullmatch(rf"prompt is too long: \d+ tokens > {limit} maximum", r["message"]) for r in refused), (
+        refused
+    )
     kinds = [r["kind"] for r in run["requests"] if r["status"] == 200]
     assert "compaction" in kinds, kinds
     assert "E2E-ANSWER-C2" in run["turns"][-1]["stdout"]

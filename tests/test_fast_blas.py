@@ -43,8 +43,9 @@ CHILD = textwrap.dedent("""
 def _run_child(tmp_path: Path, **env: str) -> dict:
     full = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", fast_blas.MARKER_ENV, fast_blas.OPT_OUT_ENV)}
     full.update(CCWARM_CACHE_DIR=str(tmp_path / "cache"), **env)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(REPO)], env=full, capture_output=True,
-                         text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(REPO)], env=full, capture_output=True, text=True, timeout=120, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -43,40 +43,71 @@ from addons.normalize import METADATA_KEY as NORMALIZE_KEY
 from addons.normalize import Normalize
 from addons.stability import Stability
 from ccwarm import jsonsafe
-from ccwarm.synthetic import SessionGenerator, SessionSpec
 from ccwarm.server_proc import ServerProcess
+from ccwarm.synthetic import SessionGenerator, SessionSpec
 from ccwarm.synthetic_current import CurrentSession
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
-FUZZ = settings(max_examples=150, derandomize=True, database=None, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=150,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.332.a1b; cc_entrypoint=cli; cch=9f3c1;"
 VALID_BODIES: list[dict[str, Any]] = [
-    {"model": "claude-sonnet-4-5", "max_tokens": 4,
-     "system": [{"type": "text", "text": BILLING}, {"type": "text", "text": "You are Claude Code.",
-                                                    "cache_control": {"type": "ephemeral"}}],
-     "tools": [{"name": "Read", "description": "Read a file", "input_schema": {
-         "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}],
-     "messages": [
-         {"role": "user", "content": [{"type": "text", "text": "read the readme"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "Reading."},
-                                           {"type": "tool_use", "id": "toolu_1", "name": "Read",
-                                            "input": {"path": "README.md"}}]},
-         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "# ccwarm"}]}],
-     "metadata": {"user_id": "user_abc"}, "temperature": 0, "stream": True,
-     "thinking": {"type": "disabled"}, "stop_sequences": ["\n\nHuman:"]},
-    {"model": "claude-haiku-4-5", "max_tokens": 3, "system": f"{BILLING}\nYou judge tool calls.",
-     "messages": [{"role": "user", "content": "is `ls` safe?"}], "temperature": 1,
-     "output_format": {"type": "json_schema", "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}}}},
+    {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 4,
+        "system": [
+            {"type": "text", "text": BILLING},
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+        ],
+        "tools": [
+            {
+                "name": "Read",
+                "description": "Read a file",
+                "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+            }
+        ],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "read the readme"}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Reading."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "README.md"}},
+                ],
+            },
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "# ccwarm"}]},
+        ],
+        "metadata": {"user_id": "user_abc"},
+        "temperature": 0,
+        "stream": True,
+        "thinking": {"type": "disabled"},
+        "stop_sequences": ["\n\nHuman:"],
+    },
+    {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 3,
+        "system": f"{BILLING}\nYou judge tool calls.",
+        "messages": [{"role": "user", "content": "is `ls` safe?"}],
+        "temperature": 1,
+        "output_format": {
+            "type": "json_schema",
+            "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}},
+        },
+    },
 ]
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 def _paths(value: Any, prefix: tuple = ()) -> Iterator[tuple]:
@@ -140,8 +171,20 @@ HOSTILE_EXAMPLES = [
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     d = tmp_path_factory.mktemp("fuzz")
-    srv = ServerProcess("--model", str(tiny_model_dir), "--cache-dir", str(d / "cache"), "--max-output-tokens", "8",
-                        "--max-body", "1MB", "--structured-deadline", "2", log_path=d / "server.log", timeout=120)
+    srv = ServerProcess(
+        "--model",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(d / "cache"),
+        "--max-output-tokens",
+        "8",
+        "--max-body",
+        "1MB",
+        "--structured-deadline",
+        "2",
+        log_path=d / "server.log",
+        timeout=120,
+    )
     yield srv
     srv.stop()
 
@@ -181,14 +224,22 @@ def check_answer(status: int, content_type: str, raw: bytes, path: str) -> None:
 @example(raw=HOSTILE_EXAMPLES[6], count=False)
 def test_any_body_gets_an_answer_in_anthropic_shape(fuzz_server: ServerProcess, raw: bytes, count: bool) -> None:
     path = "/v1/messages/count_tokens" if count else "/v1/messages?beta=true"
-    with httpx.stream("POST", fuzz_server.url + path, content=raw, timeout=60,
-                      headers={"content-type": "application/json", "anthropic-version": "2023-06-01"}) as r:
+    with httpx.stream(
+        "POST",
+        fuzz_server.url + path,
+        content=raw,
+        timeout=60,
+        headers={"content-type": "application/json", "anthropic-version": "2023-06-01"},
+    ) as r:
         check_answer(r.status_code, r.headers.get("content-type", ""), r.read(), path)
 
 
 def test_the_fuzzed_server_still_answers_and_logged_no_traceback(fuzz_server: ServerProcess) -> None:
-    r = httpx.post(fuzz_server.url + "/v1/messages", timeout=60,
-                   json={"model": "claude-test", "max_tokens": 3, "messages": [{"role": "user", "content": "still there?"}]})
+    r = httpx.post(
+        fuzz_server.url + "/v1/messages",
+        timeout=60,
+        json={"model": "claude-test", "max_tokens": 3, "messages": [{"role": "user", "content": "still there?"}]},
+    )
     assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 3
     assert "Traceback" not in fuzz_server.log(), fuzz_server.log()[-3000:]
 
@@ -289,6 +340,7 @@ def test_a_hostile_body_through_a_live_response_hook(addons_stack) -> None:
     n.request(f)
     s.request(f)
     from mitmproxy.test import tutils
+
     f.response = tutils.tresp()
     asyncio.run(s.response(f))
     assert f.request.content == HOSTILE_EXAMPLES[0]
@@ -301,8 +353,20 @@ def test_a_hostile_body_through_a_live_response_hook(addons_stack) -> None:
 def slow_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Every forward pass costs 10 ms per token: a 400-token prefill takes ~4 s, decoding ~100 tokens/s."""
     d = tmp_path_factory.mktemp("disconnects")
-    srv = ServerProcess("--model", str(tiny_model_dir), "--cache-dir", str(d / "cache"), "--test-slow-prefill", "0.01",
-                        "--ping-interval", "0.2", "--progress-after", "100", log_path=d / "server.log", timeout=120)
+    srv = ServerProcess(
+        "--model",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(d / "cache"),
+        "--test-slow-prefill",
+        "0.01",
+        "--ping-interval",
+        "0.2",
+        "--progress-after",
+        "100",
+        log_path=d / "server.log",
+        timeout=120,
+    )
     yield srv
     srv.stop()
 
@@ -312,7 +376,12 @@ LONG_PROMPT = " ".join(f"record {i} reads fine" for i in range(150))
 
 def body_for(phase: str, stream: bool, salt: str) -> dict[str, Any]:
     if phase == "decoding":  # short prompt, an answer that would take a minute
-        return {"model": "claude-test", "max_tokens": 6000, "stream": stream, "messages": [user(f"talk at length {salt}")]}
+        return {
+            "model": "claude-test",
+            "max_tokens": 6000,
+            "stream": stream,
+            "messages": [user(f"talk at length {salt}")],
+        }
     return {"model": "claude-test", "max_tokens": 4, "stream": stream, "messages": [user(f"{salt} {LONG_PROMPT}")]}
 
 
@@ -344,8 +413,11 @@ def test_a_client_that_leaves_frees_the_worker(slow_server: ServerProcess, phase
     else:
         leave_after(slow_server.url, body_for(phase, stream, salt), 1.5)
     t0 = time.monotonic()
-    r = httpx.post(slow_server.url + "/v1/messages", json={"model": "claude-test", "max_tokens": 1, "messages": [user("next")]},
-                   timeout=60)
+    r = httpx.post(
+        slow_server.url + "/v1/messages",
+        json={"model": "claude-test", "max_tokens": 1, "messages": [user("next")]},
+        timeout=60,
+    )
     waited = time.monotonic() - t0
     assert r.status_code == 200
     # Unfreed, the worker would still owe seconds of prefill or a minute of decoding.
@@ -473,4 +545,3 @@ def test_kill_9_while_snapshots_are_written_then_a_restart_answers_as_cold(tiny_
         assert "Traceback" not in srv.log()
     finally:
         srv.stop()
-

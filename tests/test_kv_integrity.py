@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
+from test_kv_snapshots import cold, conversation_turn, feed, model, tokens, warm  # noqa: F401
 
 from cache_backend.kv_disk import FORMAT, DiskTier, model_fingerprint
 from cache_backend.kv_snapshots import SnapshotStore
-from test_kv_snapshots import cold, conversation_turn, feed, model, tokens, warm  # noqa: F401
 
 GB = 2**30
 
@@ -106,8 +106,9 @@ def test_fingerprint_covers_every_weight_byte_and_is_cached(tiny_model_dir: Path
     assert model_fingerprint(copy, hashes) != original
 
 
-def test_start_survives_damaged_and_unexpected_entries(model, tokens, tiny_model_dir: Path, tmp_path: Path,
-                                                        caplog) -> None:
+def test_start_survives_damaged_and_unexpected_entries(
+    model, tokens, tiny_model_dir: Path, tmp_path: Path, caplog
+) -> None:
     fingerprint = model_fingerprint(tiny_model_dir)
     prompt, good = _one_snapshot(model, tokens, tmp_path, fingerprint)
     folder = good.parent
@@ -136,8 +137,9 @@ def test_format_is_current() -> None:
     assert FORMAT == "ccwarm-kv/2"
 
 
-def test_an_evicted_snapshot_stays_findable_until_its_file_is_written(model, tokens, tiny_model_dir: Path,
-                                                                      tmp_path: Path) -> None:
+def test_an_evicted_snapshot_stays_findable_until_its_file_is_written(
+    model, tokens, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     """Finding 7: a main-thread snapshot evicted from memory while its disk copy still waited
     out the write delay was invisible, so the next main turn restored only the system prefix."""
     fingerprint = model_fingerprint(tiny_model_dir)
@@ -160,8 +162,9 @@ def test_an_evicted_snapshot_stays_findable_until_its_file_is_written(model, tok
     assert disk.pending_bytes == 0 and len(list(disk.dir.glob("*.safetensors"))) == 2
 
 
-def test_a_superseded_file_goes_only_after_its_replacement_is_durable(model, tokens, tiny_model_dir: Path,
-                                                                       tmp_path: Path) -> None:
+def test_a_superseded_file_goes_only_after_its_replacement_is_durable(
+    model, tokens, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     fingerprint = model_fingerprint(tiny_model_dir)
     disk = DiskTier(tmp_path, fingerprint, budget=GB, write_delay=0.0)
     store = SnapshotStore(memory_budget=GB, disk=disk)

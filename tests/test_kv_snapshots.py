@@ -57,7 +57,7 @@ def warm(model, store: SnapshotStore, tokens: list[int], n: int = 10) -> tuple[l
     hit = store.lookup(tokens)
     assert hit is not None
     cache = store.restore(hit)
-    out = greedy(model, cache, tokens[hit.length:], n)
+    out = greedy(model, cache, tokens[hit.length :], n)
     restored_logits = LAST_LOGITS[-1]
     greedy(model, make_prompt_cache(model), tokens, 1)
     assert mx.allclose(restored_logits, LAST_LOGITS[-1], atol=1e-4).item(), "restored logits differ from a cold run"
@@ -234,10 +234,10 @@ def test_untrimmable_caches_reuse_whole_snapshots_only(model, tokens) -> None:
     longer = prefix + tokens(20)
     hit = store.lookup(longer)
     assert hit is not None and hit.length == len(prefix)
-    warm_out = greedy(model, store.restore(hit), longer[len(prefix):], 6)
+    warm_out = greedy(model, store.restore(hit), longer[len(prefix) :], 6)
     cold_cache = rotating(model)
     feed(model, cold_cache, prefix)
-    assert warm_out == greedy(model, cold_cache, longer[len(prefix):], 6)
+    assert warm_out == greedy(model, cold_cache, longer[len(prefix) :], 6)
 
     assert store.lookup(prefix[:300] + tokens(10)) is None  # diverges inside the window: unusable
     assert store.lookup(prefix) is None  # exact repeat would need a trim by one token

@@ -14,28 +14,48 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ccwarm.synthetic import SessionGenerator, SessionSpec
 from ccwarm.harness import REPO, RecordingUpstream, free_port, mitmproxy_process
+from ccwarm.synthetic import SessionGenerator, SessionSpec
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACT = REPO / "artifacts" / "mitmweb.png"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)"
+    ),
 ]
 
 
 @contextlib.contextmanager
 def mitmweb(upstream_port: int, tmp: Path, token: str):
     web_port = free_port()
-    columns = [x for c in ("icon", "path", "method", "status", "size", "time", "comment") for x in ("--set", f"web_columns={c}")]
+    columns = [
+        x
+        for c in ("icon", "path", "method", "status", "size", "time", "comment")
+        for x in ("--set", f"web_columns={c}")
+    ]
     args = ("--web-host", "127.0.0.1", "--web-port", str(web_port), "--no-web-open-browser", *columns)
-    with mitmproxy_process(upstream_port, "addons/normalize.py", "addons/stability.py", tool="mitmweb",
-                           options=(f"web_password={token}", "normalize=false"), extra_args=args,
-                           log=tmp / "mitmweb.log", also_wait_for=(web_port,)) as (port, log):
+    with mitmproxy_process(
+        upstream_port,
+        "addons/normalize.py",
+        "addons/stability.py",
+        tool="mitmweb",
+        options=(f"web_password={token}", "normalize=false"),
+        extra_args=args,
+        log=tmp / "mitmweb.log",
+        also_wait_for=(web_port,),
+    ) as (port, log):
         yield port, web_port, log
 
 

@@ -16,15 +16,23 @@ from ccwarm.synthetic import SessionGenerator, SessionSpec
 BILLING = "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;"
 
 
-def make_flow(content: bytes, *, method: bytes = b"POST", path: bytes = b"/v1/messages?beta=true",
-              host: str = "127.0.0.1", headers: tuple = ()) -> http.HTTPFlow:
+def make_flow(
+    content: bytes,
+    *,
+    method: bytes = b"POST",
+    path: bytes = b"/v1/messages?beta=true",
+    host: str = "127.0.0.1",
+    headers: tuple = (),
+) -> http.HTTPFlow:
     hdrs = http.Headers(((b"content-type", b"application/json"), *headers))
     req = tutils.treq(method=method, path=path, host=host, port=8080, headers=hdrs, content=content)
     return tflow.tflow(req=req)
 
 
 def body(system) -> bytes:
-    return json.dumps({"model": "claude-opus-4-8", "system": system, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    return json.dumps(
+        {"model": "claude-opus-4-8", "system": system, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
 
 
 @pytest.fixture
@@ -96,21 +104,47 @@ def test_first_party_is_left_alone_unless_asked(addon) -> None:
     assert json.loads(f.request.content)["system"] == []
 
 
-@pytest.mark.parametrize("content,method,path,headers,log", [
-    (b"not json", b"POST", b"/v1/messages", (), "body is not valid JSON"),
-    (b'{"model": "x", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"POST", b"/v1/messages", (),
-     "too deeply to decode"),
-    (b'{"max_tokens": ' + b"9" * 5000 + b', "system": []}', b"POST", b"/v1/messages", (), "4300 digits"),
-    (b"[1,2]", b"POST", b"/v1/messages", (), "not an object"),
-    (b'{"system": 42}', b"POST", b"/v1/messages", (), "'system' is neither"),
-    (b"", b"POST", b"/v1/messages", (), "empty body"),
-    (gzip.compress(body([{"type": "text", "text": BILLING}])), b"POST", b"/v1/messages", ((b"content-encoding", b"gzip"),), "content-encoding 'gzip'"),
-    (body([{"type": "text", "text": BILLING}]), b"POST", b"/v1/messages", ((b"content-encoding", b"br"),), "content-encoding 'br'"),
-    (body([{"type": "text", "text": BILLING}]), b"POST", b"/v1/messages", ((b"content-encoding", b"zstd"),), "content-encoding 'zstd'"),
-    (body([{"type": "text", "text": BILLING}]), b"GET", b"/v1/messages", (), None),
-    (body([{"type": "text", "text": BILLING}]), b"POST", b"/v1/complete", (), None),
-    (body([{"type": "text", "text": BILLING}]), b"POST", b"/v1/messages/batches", (), None),
-])
+@pytest.mark.parametrize(
+    "content,method,path,headers,log",
+    [
+        (b"not json", b"POST", b"/v1/messages", (), "body is not valid JSON"),
+        (
+            b'{"model": "x", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            b"POST",
+            b"/v1/messages",
+            (),
+            "too deeply to decode",
+        ),
+        (b'{"max_tokens": ' + b"9" * 5000 + b', "system": []}', b"POST", b"/v1/messages", (), "4300 digits"),
+        (b"[1,2]", b"POST", b"/v1/messages", (), "not an object"),
+        (b'{"system": 42}', b"POST", b"/v1/messages", (), "'system' is neither"),
+        (b"", b"POST", b"/v1/messages", (), "empty body"),
+        (
+            gzip.compress(body([{"type": "text", "text": BILLING}])),
+            b"POST",
+            b"/v1/messages",
+            ((b"content-encoding", b"gzip"),),
+            "content-encoding 'gzip'",
+        ),
+        (
+            body([{"type": "text", "text": BILLING}]),
+            b"POST",
+            b"/v1/messages",
+            ((b"content-encoding", b"br"),),
+            "content-encoding 'br'",
+        ),
+        (
+            body([{"type": "text", "text": BILLING}]),
+            b"POST",
+            b"/v1/messages",
+            ((b"content-encoding", b"zstd"),),
+            "content-encoding 'zstd'",
+        ),
+        (body([{"type": "text", "text": BILLING}]), b"GET", b"/v1/messages", (), None),
+        (body([{"type": "text", "text": BILLING}]), b"POST", b"/v1/complete", (), None),
+        (body([{"type": "text", "text": BILLING}]), b"POST", b"/v1/messages/batches", (), None),
+    ],
+)
 def test_bad_or_foreign_input_passes_untouched(addon, caplog, content, method, path, headers, log) -> None:
     a, _ = addon
     f = make_flow(content, method=method, path=path, headers=headers)

@@ -9,11 +9,14 @@ import anthropic
 import httpx
 import pytest
 
-from ccwarm.synthetic import SessionGenerator, SessionSpec
 from ccwarm.harness import RecordingUpstream, mitmdump
+from ccwarm.synthetic import SessionGenerator, SessionSpec
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;"
-SYSTEM = [{"type": "text", "text": BILLING}, {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
+SYSTEM = [
+    {"type": "text", "text": BILLING},
+    {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,9 @@ def last_body(upstream: RecordingUpstream) -> dict:
 
 def test_non_streaming_request_reaches_upstream_without_billing_block(chain) -> None:
     upstream, client, _, log = chain
-    reply = client.messages.create(model="claude-opus-4-8", max_tokens=16, system=SYSTEM,
-                                   messages=[{"role": "user", "content": "hi"}])
+    reply = client.messages.create(
+        model="claude-opus-4-8", max_tokens=16, system=SYSTEM, messages=[{"role": "user", "content": "hi"}]
+    )
     assert reply.content[0].text == "Hello"
     sent = last_body(upstream)
     assert sent["system"] == SYSTEM[1:]
@@ -44,8 +48,9 @@ def test_streaming_events_arrive_before_upstream_finishes(chain) -> None:
     upstream, client, _, _ = chain
     upstream.release.clear()
     started = time.monotonic()
-    with client.messages.stream(model="claude-opus-4-8", max_tokens=16, system=SYSTEM,
-                                messages=[{"role": "user", "content": "hi"}]) as stream:
+    with client.messages.stream(
+        model="claude-opus-4-8", max_tokens=16, system=SYSTEM, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
         events = iter(stream)
         first = next(events)
         first_after = time.monotonic() - started
@@ -62,7 +67,9 @@ def test_streaming_events_arrive_before_upstream_finishes(chain) -> None:
 
 def test_count_tokens_path_with_query(chain) -> None:
     upstream, client, _, _ = chain
-    count = client.messages.count_tokens(model="claude-opus-4-8", system=SYSTEM, messages=[{"role": "user", "content": "hi"}])
+    count = client.messages.count_tokens(
+        model="claude-opus-4-8", system=SYSTEM, messages=[{"role": "user", "content": "hi"}]
+    )
     assert count.input_tokens == 3
     assert upstream.requests[-1].path.startswith("/v1/messages/count_tokens")
     assert last_body(upstream)["system"] == SYSTEM[1:]
@@ -74,15 +81,20 @@ def test_generated_session_bytes(chain) -> None:
     req = SessionGenerator(SessionSpec(turns=3)).main_turns()[-1]
     req.body["stream"] = False
     raw = req.raw()
-    httpx.post(f"http://127.0.0.1:{port}/v1/messages?beta=true", content=raw, headers=req.headers, timeout=30).raise_for_status()
+    httpx.post(
+        f"http://127.0.0.1:{port}/v1/messages?beta=true", content=raw, headers=req.headers, timeout=30
+    ).raise_for_status()
     assert upstream.requests[-1].body == json.dumps(dict(req.body, system=req.body["system"][1:])).encode()
 
 
-@pytest.mark.parametrize("content,headers", [
-    (b"{not json", {"content-type": "application/json"}),
-    (b'["a"]', {"content-type": "application/json"}),
-    (b'{"system": 3}', {"content-type": "application/json"}),
-])
+@pytest.mark.parametrize(
+    "content,headers",
+    [
+        (b"{not json", {"content-type": "application/json"}),
+        (b'["a"]', {"content-type": "application/json"}),
+        (b'{"system": 3}', {"content-type": "application/json"}),
+    ],
+)
 def test_bad_bodies_pass_through_untouched(chain, content, headers) -> None:
     upstream, _, port, log = chain
     httpx.post(f"http://127.0.0.1:{port}/v1/messages", content=content, headers=headers, timeout=30)

@@ -13,16 +13,33 @@ from ccwarm import jsonedit, payload
 from ccwarm.synthetic import SessionGenerator, SessionSpec
 
 BILLING_VARIANTS = [
-    ("x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;",
-     {"cc_version": "2.1.39.c39", "cc_entrypoint": "cli", "cch": "56445"}),
-    ("x-anthropic-billing-header: cc_version=2.1.197.f2f; cc_entrypoint=cli; cc_is_subagent=true;",
-     {"cc_version": "2.1.197.f2f", "cc_entrypoint": "cli", "cc_is_subagent": "true"}),
-    ("x-anthropic-billing-header: cc_version=2.0.1.abc; cc_entrypoint=sdk-cli; cch=1a2b3; cc_workload=batch; cc_prev_req=req_011",
-     {"cc_version": "2.0.1.abc", "cc_entrypoint": "sdk-cli", "cch": "1a2b3", "cc_workload": "batch", "cc_prev_req": "req_011"}),
-    ("x-anthropic-billing-header:cc_version=3.0.0.aaa;cc_entrypoint=claude-vscode;cc_future_field=42",
-     {"cc_version": "3.0.0.aaa", "cc_entrypoint": "claude-vscode", "cc_future_field": "42"}),
-    ("  X-Anthropic-Billing-Header  :   cc_version = 1.2.3.fff ;  cch= 0ab12 ;;  ",
-     {"cc_version": "1.2.3.fff", "cch": "0ab12"}),
+    (
+        "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;",
+        {"cc_version": "2.1.39.c39", "cc_entrypoint": "cli", "cch": "56445"},
+    ),
+    (
+        "x-anthropic-billing-header: cc_version=2.1.197.f2f; cc_entrypoint=cli; cc_is_subagent=true;",
+        {"cc_version": "2.1.197.f2f", "cc_entrypoint": "cli", "cc_is_subagent": "true"},
+    ),
+    (
+        "x-anthropic-billing-header: cc_version=2.0.1.abc; cc_entrypoint=sdk-cli; cch=1a2b3; cc_workload=batch; "
+        "cc_prev_req=req_011",
+        {
+            "cc_version": "2.0.1.abc",
+            "cc_entrypoint": "sdk-cli",
+            "cch": "1a2b3",
+            "cc_workload": "batch",
+            "cc_prev_req": "req_011",
+        },
+    ),
+    (
+        "x-anthropic-billing-header:cc_version=3.0.0.aaa;cc_entrypoint=claude-vscode;cc_future_field=42",
+        {"cc_version": "3.0.0.aaa", "cc_entrypoint": "claude-vscode", "cc_future_field": "42"},
+    ),
+    (
+        "  X-Anthropic-Billing-Header  :   cc_version = 1.2.3.fff ;  cch= 0ab12 ;;  ",
+        {"cc_version": "1.2.3.fff", "cch": "0ab12"},
+    ),
 ]
 
 
@@ -50,7 +67,11 @@ def test_text_that_merely_mentions_the_header_is_not_a_billing_block() -> None:
 
 @pytest.mark.parametrize("text,_", BILLING_VARIANTS)
 def test_list_form_drops_only_the_billing_block(text: str, _: dict) -> None:
-    body = {"model": "m", "system": [{"type": "text", "text": text}, {"type": "text", "text": "You are Claude Code."}], "max_tokens": 10}
+    body = {
+        "model": "m",
+        "system": [{"type": "text", "text": text}, {"type": "text", "text": "You are Claude Code."}],
+        "max_tokens": 10,
+    }
     raw = json.dumps(body).encode()
     result = payload.strip_volatile(raw)
     assert [d.where for d in result.dropped] == ["system[0]"]
@@ -88,17 +109,20 @@ def test_unchanged_bodies_come_back_as_the_same_object() -> None:
     assert payload.strip_volatile(b'{"system": null}').dropped == []
 
 
-@pytest.mark.parametrize("raw,message", [
-    (b"", "empty body"),
-    (b"   ", "empty body"),
-    (b"not json", "not valid JSON"),
-    (b"[1, 2]", "JSON list, not an object"),
-    (b'"str"', "JSON str, not an object"),
-    (b'{"a": 1} trailing', "not valid JSON"),
-    (b'{"system": 5}', "'system' is neither"),
-    (b'{"system": {"text": "x"}}', "'system' is neither"),
-    (b"\xff\xfe{}", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (b"", "empty body"),
+        (b"   ", "empty body"),
+        (b"not json", "not valid JSON"),
+        (b"[1, 2]", "JSON list, not an object"),
+        (b'"str"', "JSON str, not an object"),
+        (b'{"a": 1} trailing', "not valid JSON"),
+        (b'{"system": 5}', "'system' is neither"),
+        (b'{"system": {"text": "x"}}', "'system' is neither"),
+        (b"\xff\xfe{}", "not UTF-8"),
+    ],
+)
 def test_bad_bodies_raise_payload_error(raw: bytes, message: str) -> None:
     with pytest.raises(payload.PayloadError, match=re.escape(message)):
         payload.strip_volatile(raw)
@@ -116,7 +140,9 @@ SID = "0b7f3c2e-9d3a-4c1b-8e55-5a1f2f0d9c11"
 
 
 def test_session_from_header_wins() -> None:
-    ident = payload.identify({"tools": [{}], "metadata": {"user_id": "user_x_session_other"}}, {"X-Claude-Code-Session-Id": SID})
+    ident = payload.identify(
+        {"tools": [{}], "metadata": {"user_id": "user_x_session_other"}}, {"X-Claude-Code-Session-Id": SID}
+    )
     assert ident.session_id == SID and ident.kind is payload.RequestKind.MAIN
     assert ident.conversation_key == SID
 
@@ -151,10 +177,18 @@ def test_request_kinds() -> None:
     assert kinds[0].billing.entrypoint == "cli"
 
 
-@pytest.mark.parametrize("path,ok", [
-    ("/v1/messages", True), ("/v1/messages?beta=true", True), ("/v1/messages/count_tokens?beta=true", True),
-    ("/v1/messages/", True), ("/v1/models", False), ("/v1/messages/batches", False), ("/v2/messages", False),
-])
+@pytest.mark.parametrize(
+    "path,ok",
+    [
+        ("/v1/messages", True),
+        ("/v1/messages?beta=true", True),
+        ("/v1/messages/count_tokens?beta=true", True),
+        ("/v1/messages/", True),
+        ("/v1/models", False),
+        ("/v1/messages/batches", False),
+        ("/v2/messages", False),
+    ],
+)
 def test_messages_paths(path: str, ok: bool) -> None:
     assert payload.is_messages_path(path) is ok
 
@@ -171,7 +205,9 @@ def test_generated_session_strips_to_a_stable_prefix() -> None:
 
 # --- properties -------------------------------------------------------------------------------
 
-_field_names = st.sampled_from(["cc_version", "cc_entrypoint", "cch", "cc_is_subagent", "cc_workload", "cc_prev_req", "cc_new"])
+_field_names = st.sampled_from(
+    ["cc_version", "cc_entrypoint", "cch", "cc_is_subagent", "cc_workload", "cc_prev_req", "cc_new"]
+)
 _field_values = st.text(alphabet="abcdef0123456789.-_", min_size=1, max_size=12)
 _spaces = st.sampled_from(["", " ", "  ", "\t"])
 
@@ -181,15 +217,27 @@ def billing_texts(draw) -> str:
     fields = draw(st.lists(st.tuples(_field_names, _field_values), min_size=1, max_size=6))
     sep = draw(st.sampled_from([";", "; ", " ; "]))
     body = sep.join(f"{k}={v}" for k, v in fields)
-    return f"{draw(_spaces)}x-anthropic-billing-header{draw(_spaces)}:{draw(_spaces)}{body}{draw(st.sampled_from(['', ';', '; ']))}"
+    end = draw(st.sampled_from(["", ";", "; "]))
+    return f"{draw(_spaces)}x-anthropic-billing-header{draw(_spaces)}:{draw(_spaces)}{body}{end}"
 
 
-_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),
-                          st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30))
-_json_values = st.recursive(_json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+_json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=30),
+)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
 _blocks = st.fixed_dictionaries(
-    {"type": st.just("text"), "text": st.text(min_size=1, max_size=60).filter(lambda t: payload.parse_billing_header(t) is None)},
+    {
+        "type": st.just("text"),
+        "text": st.text(min_size=1, max_size=60).filter(lambda t: payload.parse_billing_header(t) is None),
+    },
     optional={"cache_control": st.just({"type": "ephemeral"})},
 )
 
@@ -216,16 +264,24 @@ def test_only_the_billing_block_is_removed(blocks, billing, position, others, en
     # Every byte outside the system array is the client's own.
     span = jsonedit.top_level_members(raw.decode())["system"]
     assert result.body.startswith(raw[: len(raw.decode()[: span.start].encode())])
-    assert result.body.endswith(raw.decode()[span.end:].encode())
+    assert result.body.endswith(raw.decode()[span.end :].encode())
     # Deterministic and idempotent.
     assert payload.strip_volatile(raw).body == result.body
     assert payload.strip_volatile(result.body).body == result.body
 
 
 @settings(max_examples=200, deadline=None)
-@given(lines=st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\n\r"), max_size=40)
-                      .filter(lambda t: payload.parse_billing_header(t) is None), max_size=5),
-       billing=billing_texts(), position=st.integers(0, 5), ensure_ascii=st.booleans())
+@given(
+    lines=st.lists(
+        st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\n\r"), max_size=40).filter(
+            lambda t: payload.parse_billing_header(t) is None
+        ),
+        max_size=5,
+    ),
+    billing=billing_texts(),
+    position=st.integers(0, 5),
+    ensure_ascii=st.booleans(),
+)
 def test_string_system_loses_only_the_billing_line(lines, billing, position, ensure_ascii) -> None:
     position = min(position, len(lines))
     system = "\n".join([*lines[:position], billing, *lines[position:]])

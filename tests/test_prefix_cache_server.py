@@ -30,9 +30,19 @@ GREEDY = {"temperature": 0}
 
 
 def start(model: Path, tmp: Path, name: str, *extra: str, cache_dir: Path | None = None) -> ServerProcess:
-    return ServerProcess("--model", str(model), "--cache-dir", str(cache_dir or tmp / f"cache-{name}"),
-                         "--max-context", "100000", "--test-forced-replies", str(tmp / "script.json"), *extra,
-                         log_path=tmp / f"{name}.log", timeout=120)
+    return ServerProcess(
+        "--model",
+        str(model),
+        "--cache-dir",
+        str(cache_dir or tmp / f"cache-{name}"),
+        "--max-context",
+        "100000",
+        "--test-forced-replies",
+        str(tmp / "script.json"),
+        *extra,
+        log_path=tmp / f"{name}.log",
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +68,9 @@ def cached(tiny_model_dir, tmp):
 
 def ask(server: ServerProcess, messages: list[dict], *, system=SYSTEM, tools=TOOLS, max_tokens: int = 8):
     client = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
-    return client.messages.create(model="claude-opus-4-8", max_tokens=max_tokens, system=system, tools=tools,
-                                  messages=messages, extra_body=GREEDY)
+    return client.messages.create(
+        model="claude-opus-4-8", max_tokens=max_tokens, system=system, tools=tools, messages=messages, extra_body=GREEDY
+    )
 
 
 def same_as_cold(cached: ServerProcess, reference: ServerProcess, messages: list[dict], **kw):
@@ -111,15 +122,23 @@ def test_hit_after_a_tool_call(cached, reference) -> None:
     call = same_as_cold(cached, reference, history, max_tokens=200)
     assert call.stop_reason == "tool_use"
     tool_use = call.content[-1]
-    history += [{"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in call.content]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": "def main(): ..."}]}]
+    history += [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in call.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": "def main(): ..."}],
+        },
+    ]
     warm = same_as_cold(cached, reference, history)
     assert warm.usage.cache_read_input_tokens == prompt_len(call) + call.usage.output_tokens - 1
 
 
 def test_exact_repeat_and_prefix_of_a_stored_prompt(cached, reference) -> None:
-    history = [user("First question about the parser."), {"role": "assistant", "content": "It tokenizes."},
-               user("Second question about the lexer.")]
+    history = [
+        user("First question about the parser."),
+        {"role": "assistant", "content": "It tokenizes."},
+        user("Second question about the lexer."),
+    ]
     first = same_as_cold(cached, reference, history)
     repeat = same_as_cold(cached, reference, history)
     assert repeat.usage.input_tokens == 1  # all but the last token restored
@@ -171,7 +190,12 @@ def test_budget_respected_and_eviction_keeps_answers_right(tiny_model_dir, tmp, 
         main = [user("The main conversation starts here.")]
         answer = same_as_cold(srv, reference, main)
         for i in range(5):  # side requests and sub-agents with their own prefixes
-            same_as_cold(srv, reference, [user(f"unrelated side request {i}")], system=[{"type": "text", "text": f"Side prompt {i}."}])
+            same_as_cold(
+                srv,
+                reference,
+                [user(f"unrelated side request {i}")],
+                system=[{"type": "text", "text": f"Side prompt {i}."}],
+            )
             s = stats(srv)
             assert s["memory_bytes"] <= budget, s
         assert stats(srv)["evictions"] + stats(srv)["truncations"] > 0
@@ -228,8 +252,15 @@ def test_a_dropped_prefill_is_resumed_by_the_retry(tiny_model_dir, tmp, referenc
     srv = start(tiny_model_dir, tmp, "resume", "--test-slow-prefill", "0.002", "--ping-interval", "0.1")
     try:
         long_history = [user("Read this carefully. " + " ".join(f"line {i} of the log" for i in range(300)))]
-        body = {"model": "claude-x", "max_tokens": 8, "stream": True, "system": SYSTEM, "tools": TOOLS,
-                "messages": long_history, "temperature": 0}
+        body = {
+            "model": "claude-x",
+            "max_tokens": 8,
+            "stream": True,
+            "system": SYSTEM,
+            "tools": TOOLS,
+            "messages": long_history,
+            "temperature": 0,
+        }
         read_for(srv, body, 1.5)  # well past system + tools, then walk away
         deadline = time.monotonic() + 30
         while "kept its partial prefill" not in srv.log() and time.monotonic() < deadline:
@@ -245,11 +276,19 @@ def test_a_dropped_prefill_is_resumed_by_the_retry(tiny_model_dir, tmp, referenc
 
 def test_a_prefill_stopped_by_shutdown_resumes_after_the_restart(tiny_model_dir, tmp, reference) -> None:
     cache_dir = tmp / "cache-shutdown"
-    srv = start(tiny_model_dir, tmp, "shutdown-1", "--test-slow-prefill", "0.002", "--ping-interval", "0.1",
-                cache_dir=cache_dir)
+    srv = start(
+        tiny_model_dir, tmp, "shutdown-1", "--test-slow-prefill", "0.002", "--ping-interval", "0.1", cache_dir=cache_dir
+    )
     history = [user("Shut down in the middle of this. " + " ".join(f"row {i} of the table" for i in range(300)))]
-    body = {"model": "claude-x", "max_tokens": 8, "stream": True, "system": SYSTEM, "tools": TOOLS,
-            "messages": history, "temperature": 0}
+    body = {
+        "model": "claude-x",
+        "max_tokens": 8,
+        "stream": True,
+        "system": SYSTEM,
+        "tools": TOOLS,
+        "messages": history,
+        "temperature": 0,
+    }
     try:
         read_for(srv, body, 1.5, then=srv.stop)  # SIGTERM while the prefill runs
     finally:

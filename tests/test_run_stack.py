@@ -30,9 +30,16 @@ class Launcher:
             if sigint_ignored:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-        self.proc = subprocess.Popen([sys.executable, "scripts/run_stack.py", *args], cwd=REPO, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=preexec)
+        self.proc = subprocess.Popen(
+            [sys.executable, "scripts/run_stack.py", *args],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -69,21 +76,41 @@ def listening(port: int) -> bool:
 
 def ask(client: anthropic.Anthropic, req) -> anthropic.types.Message:
     b = req.body
-    return client.messages.create(model=b["model"], max_tokens=4, system=b["system"], tools=b["tools"],
-                                  messages=b["messages"], extra_headers=req.headers)
+    return client.messages.create(
+        model=b["model"],
+        max_tokens=4,
+        system=b["system"],
+        tools=b["tools"],
+        messages=b["messages"],
+        extra_headers=req.headers,
+    )
 
 
 def test_make_run_serves_claude_code_through_the_proxy(tiny_model_dir: Path, tmp_path: Path) -> None:
     proxy_port, server_port = free_port(), free_port()
-    run = Launcher("--proxy-port", str(proxy_port), "--server-port", str(server_port),
-                   "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"))
+    run = Launcher(
+        "--proxy-port",
+        str(proxy_port),
+        "--server-port",
+        str(server_port),
+        "--model",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     try:
         run.wait_for("Ctrl-C stops everything")
-        assert (f"ANTHROPIC_BASE_URL=http://127.0.0.1:{proxy_port} ANTHROPIC_API_KEY=local ANTHROPIC_MODEL=claude-ccwarm-local "
-                "CLAUDE_CODE_MAX_CONTEXT_TOKENS=65536 CLAUDE_CODE_MAX_OUTPUT_TOKENS=8192 CLAUDE_STREAM_IDLE_TIMEOUT_MS=1800000 "
-                "API_TIMEOUT_MS=1800000 claude") in run.output
+        assert (
+            f"ANTHROPIC_BASE_URL=http://127.0.0.1:{proxy_port} ANTHROPIC_API_KEY=local "
+            "ANTHROPIC_MODEL=claude-ccwarm-local "
+            "CLAUDE_CODE_MAX_CONTEXT_TOKENS=65536 CLAUDE_CODE_MAX_OUTPUT_TOKENS=8192 "
+            "CLAUDE_STREAM_IDLE_TIMEOUT_MS=1800000 "
+            "API_TIMEOUT_MS=1800000 claude"
+        ) in run.output
         client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{proxy_port}", api_key="local", max_retries=0)
-        first, second = SessionGenerator(SessionSpec(seed=5, turns=2, tools_json_bytes=20_000, system_bytes=2_000)).main_turns()
+        first, second = SessionGenerator(
+            SessionSpec(seed=5, turns=2, tools_json_bytes=20_000, system_bytes=2_000)
+        ).main_turns()
         cold = ask(client, first)
         warm = ask(client, second)
         assert cold.usage.cache_read_input_tokens == 0 and cold.usage.input_tokens > 3000
@@ -107,7 +134,9 @@ def test_make_run_with_upstream_starts_only_the_proxy_and_stops_on_sigterm(tmp_p
             run.wait_for("Ctrl-C stops everything", timeout=60)
             assert "starting the companion server" not in run.output
             client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{proxy_port}", api_key="local", max_retries=0)
-            req = SessionGenerator(SessionSpec(seed=6, turns=1, tools_json_bytes=5_000, system_bytes=1_000)).main_turns()[0]
+            req = SessionGenerator(
+                SessionSpec(seed=6, turns=1, tools_json_bytes=5_000, system_bytes=1_000)
+            ).main_turns()[0]
             ask(client, req)
             assert b"x-anthropic-billing-header" not in upstream.requests[-1].body
             run.proc.send_signal(signal.SIGTERM)
@@ -118,13 +147,14 @@ def test_make_run_with_upstream_starts_only_the_proxy_and_stops_on_sigterm(tmp_p
 
 
 def test_make_run_reports_a_server_that_cannot_start(tmp_path: Path) -> None:
-    run = Launcher("--proxy-port", str(free_port()), "--server-port", str(free_port()), "--model", str(tmp_path / "missing"))
+    run = Launcher(
+        "--proxy-port", str(free_port()), "--server-port", str(free_port()), "--model", str(tmp_path / "missing")
+    )
     try:
         assert run.proc.wait(120) == 1
         assert "run: server exited with" in run.output, run.output[-3000:]
     finally:
         run.stop()
-
 
 
 def test_make_run_started_as_a_background_job_stops_on_ctrl_c_and_mitmweb_url_opens(tmp_path: Path) -> None:
@@ -135,8 +165,14 @@ def test_make_run_started_as_a_background_job_stops_on_ctrl_c_and_mitmweb_url_op
     upstream = RecordingUpstream()
     proxy_port = free_port()
     with upstream.serve():
-        run = Launcher("--proxy-port", str(proxy_port), "--upstream", f"http://127.0.0.1:{upstream.port}", "--web",
-                       sigint_ignored=True)
+        run = Launcher(
+            "--proxy-port",
+            str(proxy_port),
+            "--upstream",
+            f"http://127.0.0.1:{upstream.port}",
+            "--web",
+            sigint_ignored=True,
+        )
         try:
             run.wait_for("Ctrl-C stops everything", timeout=60)
             url = next(w for w in run.output.split() if w.startswith("http://127.0.0.1:8081/?token="))

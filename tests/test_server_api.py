@@ -10,16 +10,17 @@ from pathlib import Path
 import anthropic
 import httpx
 import pytest
-
 from server_helpers import ServerProcess, build_tiny_model, check_event_order, parse_sse, stream_raw
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-TOOLS = [{
-    "name": "get_weather",
-    "description": "Current weather for a city.",
-    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-}]
+TOOLS = [
+    {
+        "name": "get_weather",
+        "description": "Current weather for a city.",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+]
 TOOL_REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 SCRIPT = [
     {"when": "weather in Paris", "reply": TOOL_REPLY},
@@ -41,8 +42,9 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("server")
     script = d / "script.json"
     script.write_text(json.dumps(SCRIPT))
-    srv = ServerProcess(tiny_model, d / "server.log", "--test-forced-replies", str(script), "--ping-interval", "2",
-                        "--max-body", "2MB")
+    srv = ServerProcess(
+        tiny_model, d / "server.log", "--test-forced-replies", str(script), "--ping-interval", "2", "--max-body", "2MB"
+    )
     yield srv
     srv.stop()
 
@@ -51,9 +53,20 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 def slow_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """Slow prefill (1.5 ms per token, so chunks adapt to ~0.5 s), short ping interval, and an API key."""
     d = tmp_path_factory.mktemp("slow")
-    srv = ServerProcess(tiny_model, d / "server.log", "--api-key", "sekrit", "--ping-interval", "0.2",
-                        "--test-slow-prefill", "0.0015", "--max-output-tokens", "3",
-                        "--progress-after", "0.2")
+    srv = ServerProcess(
+        tiny_model,
+        d / "server.log",
+        "--api-key",
+        "sekrit",
+        "--ping-interval",
+        "0.2",
+        "--test-slow-prefill",
+        "0.0015",
+        "--max-output-tokens",
+        "3",
+        "--progress-after",
+        "0.2",
+    )
     yield srv
     srv.stop()
 
@@ -97,11 +110,15 @@ def test_count_tokens_equals_reported_input(client: anthropic.Anthropic) -> None
         model="claude-opus-4-8",
         system=[{"type": "text", "text": "You are terse."}, {"type": "text", "text": "Really terse."}],
         tools=TOOLS,
-        messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
-                  {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "x"},
-                                                    {"type": "text", "text": "Yes?"}]},
-                  {"role": "system", "content": "Mid-conversation reminder."},
-                  {"role": "user", "content": "go on"}],
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
+            {
+                "role": "assistant",
+                "content": [{"type": "thinking", "thinking": "hm", "signature": "x"}, {"type": "text", "text": "Yes?"}],
+            },
+            {"role": "system", "content": "Mid-conversation reminder."},
+            {"role": "user", "content": "go on"},
+        ],
     )
     counted = client.messages.count_tokens(**req).input_tokens
     msg = client.messages.create(max_tokens=2, **req)
@@ -116,10 +133,17 @@ def test_count_tokens_equals_reported_input(client: anthropic.Anthropic) -> None
 
 def test_ignored_fields_are_accepted(server: ServerProcess) -> None:
     body = {
-        "model": "claude-opus-4-8", "max_tokens": 2, "messages": user("hi"),
-        "metadata": {"user_id": json.dumps({"session_id": "abc"})}, "thinking": {"type": "adaptive"},
-        "context_management": {"edits": []}, "output_config": {"effort": "high"}, "temperature": 0.5,
-        "top_p": 0.9, "top_k": 20, "stream": False,
+        "model": "claude-opus-4-8",
+        "max_tokens": 2,
+        "messages": user("hi"),
+        "metadata": {"user_id": json.dumps({"session_id": "abc"})},
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": []},
+        "output_config": {"effort": "high"},
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 20,
+        "stream": False,
     }
     r = httpx.post(server.url + "/v1/messages?beta=true", json=body, timeout=60)
     assert r.status_code == 200, r.text
@@ -159,11 +183,26 @@ def test_tool_round_trip(client: anthropic.Anthropic, server: ServerProcess) -> 
     check_event_order(events)
     starts = [d["content_block"] for n, d in events if n == "content_block_start"]
     assert starts[1]["type"] == "tool_use" and starts[1]["input"] == {}
-    pieces = [d["delta"]["partial_json"] for n, d in events if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta"]
+    pieces = [
+        d["delta"]["partial_json"]
+        for n, d in events
+        if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta"
+    ]
     assert json.loads("".join(pieces)) == {"city": "Paris"}
     assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
-    err = second[:-1] + [{"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": call.id, "is_error": True, "content": [{"type": "text", "text": "sunny-42 failed"}]}]}]
+    err = second[:-1] + [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": call.id,
+                    "is_error": True,
+                    "content": [{"type": "text", "text": "sunny-42 failed"}],
+                }
+            ],
+        }
+    ]
     assert client.messages.create(model="claude-x", max_tokens=50, tools=TOOLS, messages=err).stop_reason == "end_turn"
 
 
@@ -175,23 +214,34 @@ def test_malformed_tool_markup_is_text(client: anthropic.Anthropic) -> None:
 
 
 def test_tool_choice_forces_a_call_prefix(client: anthropic.Anthropic) -> None:
-    msg = client.messages.create(model="claude-x", max_tokens=30, tools=TOOLS, messages=user("anything"),
-                                 tool_choice={"type": "tool", "name": "get_weather"})
+    msg = client.messages.create(
+        model="claude-x",
+        max_tokens=30,
+        tools=TOOLS,
+        messages=user("anything"),
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )
     # The random model never closes the call: the unfinished markup comes back as text.
     assert msg.stop_reason == "max_tokens"
     assert msg.content[0].text.startswith('<tool_call>\n{"name": "get_weather", "arguments": ')
 
 
 def test_stop_sequence(client: anthropic.Anthropic) -> None:
-    msg = client.messages.create(model="claude-x", max_tokens=50, stop_sequences=["STOP"], messages=user("say-stop-please"))
+    msg = client.messages.create(
+        model="claude-x", max_tokens=50, stop_sequences=["STOP"], messages=user("say-stop-please")
+    )
     assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == "STOP"
     assert msg.content[0].text == "alpha beta "
 
 
 def test_structured_output(client: anthropic.Anthropic, server: ServerProcess) -> None:
     schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
-    body = {"model": "claude-x", "max_tokens": 50, "messages": user("title-please"),
-            "output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    body = {
+        "model": "claude-x",
+        "max_tokens": 50,
+        "messages": user("title-please"),
+        "output_config": {"format": {"type": "json_schema", "schema": schema}},
+    }
     r = httpx.post(server.url + "/v1/messages", json=body, timeout=60)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -208,49 +258,120 @@ def test_structured_output(client: anthropic.Anthropic, server: ServerProcess) -
 # --- errors ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body, fragment", [
-    (b"{not json", "not valid JSON"),
-    (b"[1, 2]", "must be a JSON object"),
-    (json.dumps({"max_tokens": 5, "messages": user("x")}), "model: field required"),
-    (json.dumps({"model": "claude-x", "messages": user("x")}), "max_tokens: field required"),
-    (json.dumps({"model": "claude-x", "max_tokens": "5", "messages": user("x")}), "max_tokens: expected an integer, got a string"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": []}), "messages: at least one message"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}),
-     "messages[0].role: unknown role 'robot'"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-        {"role": "user", "content": [{"type": "text", "text": "c"}, {"type": "foo"}]}]}),
-     "messages[2].content[1].type: unknown block type 'foo'"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": 7}]}),
-     "messages[0].content: expected a string or an array of content blocks, got an integer"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "temperature": 3, "messages": user("x")}), "temperature: must be between"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "system": 5, "messages": user("x")}), "system: expected"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "tools": [{"name": "t"}], "messages": user("x")}),
-     "tools[0].input_schema: field required"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": user("word " * 5000)}), "prompt is too long"),
-    # Findings 5, 6 and 8 of the hardening issue: each was a 500 or a 200 before.
-    (b'{"model": "claude-x", "max_tokens": 5, "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-     "too deeply to decode"),
-    ('{"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "metadata": {"a": '
-     + "[" * 130 + "]" * 130 + "}}", "more than 128 levels"),
-    (b'{"model": "claude-x", "max_tokens": ' + b"9" * 5000 + b', "messages": []}', "4300 digits"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": user("x" * 400_000)}),
-     "characters are at least"),  # refused from its length, before tokenizing
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "42"}]}]}),
-     "messages[0].content[0].tool_use_id: no tool_use with id 'toolu_1'"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [
-        {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {}}]},
-        {"role": "user", "content": "never mind"}]}),
-     "messages[1].content[0].id: tool_use 'toolu_2' has no tool_result"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [
-        {"role": "user", "content": [{"type": "image", "source": 5}]}]}), "messages[0].content[0].source: expected an object"),
-    (json.dumps({"model": "claude-x", "max_tokens": 5, "stop_sequences": 0, "messages": user("x")}),
-     "stop_sequences: expected an array, got an integer"),
-    ('{"model": "claude-x", "max_tokens": 5, "system": [{"type": "text", "text": "a\\ud800b"}], "messages": '
-     '[{"role": "user", "content": "x"}]}', "system[0].text: contains a lone UTF-16 surrogate"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (json.dumps({"max_tokens": 5, "messages": user("x")}), "model: field required"),
+        (json.dumps({"model": "claude-x", "messages": user("x")}), "max_tokens: field required"),
+        (
+            json.dumps({"model": "claude-x", "max_tokens": "5", "messages": user("x")}),
+            "max_tokens: expected an integer, got a string",
+        ),
+        (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": []}), "messages: at least one message"),
+        (
+            json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}),
+            "messages[0].role: unknown role 'robot'",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "claude-x",
+                    "max_tokens": 5,
+                    "messages": [
+                        {"role": "user", "content": "a"},
+                        {"role": "assistant", "content": "b"},
+                        {"role": "user", "content": [{"type": "text", "text": "c"}, {"type": "foo"}]},
+                    ],
+                }
+            ),
+            "messages[2].content[1].type: unknown block type 'foo'",
+        ),
+        (
+            json.dumps({"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": 7}]}),
+            "messages[0].content: expected a string or an array of content blocks, got an integer",
+        ),
+        (
+            json.dumps({"model": "claude-x", "max_tokens": 5, "temperature": 3, "messages": user("x")}),
+            "temperature: must be between",
+        ),
+        (json.dumps({"model": "claude-x", "max_tokens": 5, "system": 5, "messages": user("x")}), "system: expected"),
+        (
+            json.dumps({"model": "claude-x", "max_tokens": 5, "tools": [{"name": "t"}], "messages": user("x")}),
+            "tools[0].input_schema: field required",
+        ),
+        (json.dumps({"model": "claude-x", "max_tokens": 5, "messages": user("word " * 5000)}), "prompt is too long"),
+        # Findings 5, 6 and 8 of the hardening issue: each was a 500 or a 200 before.
+        (
+            b'{"model": "claude-x", "max_tokens": 5, "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "too deeply to decode",
+        ),
+        (
+            '{"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "metadata": {"a": '
+            + "[" * 130
+            + "]" * 130
+            + "}}",
+            "more than 128 levels",
+        ),
+        (b'{"model": "claude-x", "max_tokens": ' + b"9" * 5000 + b', "messages": []}', "4300 digits"),
+        (
+            json.dumps({"model": "claude-x", "max_tokens": 5, "messages": user("x" * 400_000)}),
+            "characters are at least",
+        ),  # refused from its length, before tokenizing
+        (
+            json.dumps(
+                {
+                    "model": "claude-x",
+                    "max_tokens": 5,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "42"}],
+                        }
+                    ],
+                }
+            ),
+            "messages[0].content[0].tool_use_id: no tool_use with id 'toolu_1'",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "claude-x",
+                    "max_tokens": 5,
+                    "messages": [
+                        {"role": "user", "content": "weather?"},
+                        {
+                            "role": "assistant",
+                            "content": [{"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {}}],
+                        },
+                        {"role": "user", "content": "never mind"},
+                    ],
+                }
+            ),
+            "messages[1].content[0].id: tool_use 'toolu_2' has no tool_result",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "claude-x",
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": [{"type": "image", "source": 5}]}],
+                }
+            ),
+            "messages[0].content[0].source: expected an object",
+        ),
+        (
+            json.dumps({"model": "claude-x", "max_tokens": 5, "stop_sequences": 0, "messages": user("x")}),
+            "stop_sequences: expected an array, got an integer",
+        ),
+        (
+            '{"model": "claude-x", "max_tokens": 5, "system": [{"type": "text", "text": "a\\ud800b"}], "messages": '
+            '[{"role": "user", "content": "x"}]}',
+            "system[0].text: contains a lone UTF-16 surrogate",
+        ),
+    ],
+)
 def test_invalid_requests(server: ServerProcess, body: bytes | str, fragment: str) -> None:
     r = httpx.post(server.url + "/v1/messages", content=body, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 400, r.text
@@ -272,7 +393,9 @@ def test_oversized_body_is_a_413_before_it_is_read(server: ServerProcess) -> Non
 
     r = httpx.post(server.url + "/v1/messages/count_tokens", content=chunks(), timeout=60)
     assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
-    r = httpx.post(server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 2, "messages": user("hi")}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 2, "messages": user("hi")}, timeout=60
+    )
     assert r.status_code == 200
 
 
@@ -281,24 +404,28 @@ def test_client_that_leaves_before_its_body_costs_one_log_line(server: ServerPro
 
     before = server.log_path.read_text(errors="replace")
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 5000\r\n\r\n{\"model\": ")
+        sock.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 5000\r\n\r\n{"model": '
+        )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        new = server.log_path.read_text(errors="replace")[len(before):]
+        new = server.log_path.read_text(errors="replace")[len(before) :]
         if "before sending its whole body" in new:
             break
         time.sleep(0.1)
     assert "before sending its whole body" in new
     time.sleep(0.5)
-    new = server.log_path.read_text(errors="replace")[len(before):]
+    new = server.log_path.read_text(errors="replace")[len(before) :]
     assert "Traceback" not in new and "500" not in new
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 
 def test_sdk_sees_bad_request(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as e:
-        client.messages.create(model="claude-x", max_tokens=5, messages=[{"role": "user", "content": [{"type": "foo"}]}])
+        client.messages.create(
+            model="claude-x", max_tokens=5, messages=[{"role": "user", "content": [{"type": "foo"}]}]
+        )
     assert "messages[0].content[0].type" in str(e.value)
 
 
@@ -328,7 +455,9 @@ def test_error_event_mid_stream(server: ServerProcess) -> None:
     assert "message_stop" not in names
     assert events[-1][1]["error"]["type"] == "api_error"
     # The server keeps working.
-    r = httpx.post(server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 2, "messages": user("ok")}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 2, "messages": user("ok")}, timeout=60
+    )
     assert r.status_code == 200
 
 
@@ -351,7 +480,9 @@ def test_concurrent_streams(server: ServerProcess) -> None:
 
     def run(i: int) -> None:
         try:
-            raw = stream_raw(server.url, {"model": "claude-x", "max_tokens": 8, "messages": user(f"Request {i}")}, timeout=90)
+            raw = stream_raw(
+                server.url, {"model": "claude-x", "max_tokens": 8, "messages": user(f"Request {i}")}, timeout=90
+            )
             events = parse_sse(raw)
             check_event_order(events)
             results[i] = [n for n, _ in events]
@@ -378,7 +509,9 @@ def test_disconnect_mid_stream_then_normal_request(server: ServerProcess) -> Non
                     break
     # If the abandoned generation kept running, this would wait behind ~3000 tokens.
     t0 = time.monotonic()
-    r = httpx.post(server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 3, "messages": user("next")}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 3, "messages": user("next")}, timeout=60
+    )
     assert r.status_code == 200 and r.json()["usage"]["output_tokens"] == 3
     assert time.monotonic() - t0 < 10
     deadline = time.monotonic() + 5
@@ -391,8 +524,11 @@ LONG_TEXT = " ".join(f"item{i}" for i in range(300))  # ~600+ tokens: ~20 chunks
 
 
 def test_pings_during_long_prefill(slow_server: ServerProcess) -> None:
-    raw = stream_raw(slow_server.url, {"model": "claude-x", "max_tokens": 2, "messages": user(LONG_TEXT)},
-                     headers={"x-api-key": "sekrit"})
+    raw = stream_raw(
+        slow_server.url,
+        {"model": "claude-x", "max_tokens": 2, "messages": user(LONG_TEXT)},
+        headers={"x-api-key": "sekrit"},
+    )
     events = parse_sse(raw)
     check_event_order(events)
     names = [n for n, _ in events]
@@ -404,14 +540,20 @@ def test_pings_during_long_prefill(slow_server: ServerProcess) -> None:
 def test_cancel_during_prefill(slow_server: ServerProcess) -> None:
     long_text = " ".join(f"entry{i}" for i in range(700))  # ~3000 tokens: ~90 chunks, 4.5 s of delays
     body = {"model": "claude-x", "max_tokens": 2, "stream": True, "messages": user(long_text)}
-    with httpx.stream("POST", slow_server.url + "/v1/messages", json=body, headers={"x-api-key": "sekrit"}, timeout=60) as r:
+    with httpx.stream(
+        "POST", slow_server.url + "/v1/messages", json=body, headers={"x-api-key": "sekrit"}, timeout=60
+    ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("event: message_start"):
                 break
     t0 = time.monotonic()
-    r = httpx.post(slow_server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 2, "messages": user("quick")},
-                   headers={"x-api-key": "sekrit"}, timeout=60)
+    r = httpx.post(
+        slow_server.url + "/v1/messages",
+        json={"model": "claude-x", "max_tokens": 2, "messages": user("quick")},
+        headers={"x-api-key": "sekrit"},
+        timeout=60,
+    )
     assert r.status_code == 200
     assert time.monotonic() - t0 < 3.5
     line = [ln for ln in slow_server.log().splitlines() if "cancelled by the client" in ln][-1]
@@ -454,8 +596,13 @@ def test_queued_request_streams_fine_with_sdk(slow_server: ServerProcess) -> Non
     # A prompt no snapshot covers, so the first stream really prefills for a while.
     fresh = {**body, "messages": user(f"{time.time_ns()} {LONG_TEXT}"), "stream": True}
     with httpx.stream("POST", slow_server.url + "/v1/messages", json=fresh, headers={"x-api-key": "sekrit"}) as r1:
-        with httpx.stream("POST", slow_server.url + "/v1/messages", json={**body, "messages": user("second"), "stream": True},
-                          headers={"x-api-key": "sekrit"}, timeout=60) as r2:
+        with httpx.stream(
+            "POST",
+            slow_server.url + "/v1/messages",
+            json={**body, "messages": user("second"), "stream": True},
+            headers={"x-api-key": "sekrit"},
+            timeout=60,
+        ) as r2:
             raw2 = r2.read().decode()
         r1.read()
     assert raw2.startswith(": queued")
@@ -471,15 +618,20 @@ def test_a_long_prefill_streams_its_progress_as_a_thinking_block(slow_server: Se
     check_event_order(events)
     start = next(d for n, d in events if n == "content_block_start")
     assert start["index"] == 0 and start["content_block"]["type"] == "thinking"
-    thinking = "".join(d["delta"].get("thinking", "") for n, d in events if n == "content_block_delta" and d["index"] == 0)
+    thinking = "".join(
+        d["delta"].get("thinking", "") for n, d in events if n == "content_block_delta" and d["index"] == 0
+    )
     assert "Prefilling the prompt" in thinking and " prompt tokens, " in thinking and "tok/s" in thinking, thinking
     # Without thinking asked for, no such block: the answer starts at index 0.
-    plain = parse_sse(stream_raw(slow_server.url, {**body, "thinking": {"type": "disabled"}}, headers={"x-api-key": "sekrit"}))
+    plain = parse_sse(
+        stream_raw(slow_server.url, {**body, "thinking": {"type": "disabled"}}, headers={"x-api-key": "sekrit"})
+    )
     assert all(d["content_block"]["type"] != "thinking" for n, d in plain if n == "content_block_start")
     # The SDK reads it as an ordinary thinking block before the answer.
     c = anthropic.Anthropic(base_url=slow_server.url, api_key="sekrit", max_retries=0)
-    with c.messages.stream(model="claude-x", max_tokens=2, messages=user("sdk " + long_text),
-                           extra_body={"thinking": {"type": "adaptive"}}) as s:
+    with c.messages.stream(
+        model="claude-x", max_tokens=2, messages=user("sdk " + long_text), extra_body={"thinking": {"type": "adaptive"}}
+    ) as s:
         final = s.get_final_message()
     assert final.content[0].type == "thinking" and final.usage.output_tokens == 2
 
@@ -502,13 +654,21 @@ def test_an_answer_cut_by_the_context_limit_says_so(tmp_path: Path, tiny_model: 
         srv.stop()
 
 
-def test_a_structured_request_that_hits_its_deadline_answers_and_keeps_the_cache_right(tmp_path: Path, tiny_model: Path) -> None:
+def test_a_structured_request_that_hits_its_deadline_answers_and_keeps_the_cache_right(
+    tmp_path: Path, tiny_model: Path
+) -> None:
     """The deadline exit used to save a snapshot one token off (a 500 on 9 of 10 requests)."""
-    srv = ServerProcess(tiny_model, tmp_path / "server.log", "--structured-deadline", "0.3", "--test-slow-prefill", "0.002")
+    srv = ServerProcess(
+        tiny_model, tmp_path / "server.log", "--structured-deadline", "0.3", "--test-slow-prefill", "0.002"
+    )
     try:
         schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
-        body = {"model": "claude-x", "max_tokens": 2000, "messages": user("a title, slowly"),
-                "output_config": {"format": {"type": "json_schema", "schema": schema}}}
+        body = {
+            "model": "claude-x",
+            "max_tokens": 2000,
+            "messages": user("a title, slowly"),
+            "output_config": {"format": {"type": "json_schema", "schema": schema}},
+        }
         for _ in range(5):
             r = httpx.post(srv.url + "/v1/messages", json=body, timeout=60)
             assert r.status_code == 200, r.text
@@ -525,7 +685,9 @@ def test_a_non_streamed_client_that_leaves_frees_the_worker(server: ServerProces
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/messages", json=body, timeout=1.0)
     t0 = time.monotonic()
-    r = httpx.post(server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 3, "messages": user("next")}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 3, "messages": user("next")}, timeout=60
+    )
     assert r.status_code == 200
     assert time.monotonic() - t0 < 5
     recent = httpx.get(server.url + "/v1/cache/requests", timeout=10).json()["data"]

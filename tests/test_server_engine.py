@@ -72,7 +72,9 @@ def run(engine: Engine, prompt: RenderedPrompt, max_tokens: int = 12) -> tuple[i
 
 
 def body(messages: list[dict[str, Any]]) -> Any:
-    return parse_messages_request({"model": "claude-x", "max_tokens": 12, "system": "You are terse. " * 20, "messages": messages})
+    return parse_messages_request(
+        {"model": "claude-x", "max_tokens": 12, "system": "You are terse. " * 20, "messages": messages}
+    )
 
 
 def test_saves_follow_the_contract_and_the_next_turn_extends_them(loaded: tuple[Any, Any]) -> None:
@@ -91,7 +93,11 @@ def test_saves_follow_the_contract_and_the_next_turn_extends_them(loaded: tuple[
         (_, ck, ck_off), (_, pr, pr_off), (_, gen, gen_off) = cache.saves
         assert ck == p1.tokens[: p1.prefix_end] and ck_off == len(ck)
         assert pr == p1.tokens and pr_off == len(pr)
-        assert gen[: len(p1.tokens)] == p1.tokens and len(gen) == len(p1.tokens) + fin.output_tokens - 1 and gen_off == len(gen)
+        assert (
+            gen[: len(p1.tokens)] == p1.tokens
+            and len(gen) == len(p1.tokens) + fin.output_tokens - 1
+            and gen_off == len(gen)
+        )
         text = fin.blocks[0]["text"]
         p2 = r.render(body(first + [{"role": "assistant", "content": text}, {"role": "user", "content": "more"}]))
         # The model's own turn renders back to exactly the tokens it generated.
@@ -115,7 +121,9 @@ def test_restored_prefix_gives_the_same_output(loaded: tuple[Any, Any]) -> None:
         _, f1 = run(plain, p1)
         _, g1 = run(cached, p1)
         assert g1.blocks == f1.blocks
-        p2 = r.render(body(first + [{"role": "assistant", "content": f1.blocks[0]["text"]}, {"role": "user", "content": "more"}]))
+        p2 = r.render(
+            body(first + [{"role": "assistant", "content": f1.blocks[0]["text"]}, {"role": "user", "content": "more"}])
+        )
         _, f2 = run(plain, p2)
         restored, g2 = run(cached, p2)
         assert restored == len(p1.tokens) + f1.output_tokens - 1

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from server_helpers import build_tiny_model
 
 from cache_backend.errors import InvalidRequest
 from cache_backend.output import OutputAssembler, StopSequenceFilter
@@ -15,8 +16,6 @@ from cache_backend.render import Renderer, tool_call_markup
 from cache_backend.structured import JsonValueTracker, validate
 from cache_backend.toolcalls import HERMES, StreamingToolParser, TextPiece, ToolCall
 from cache_backend.validate import parse_messages_request
-
-from server_helpers import build_tiny_model
 
 
 def feed_all(parser: StreamingToolParser, text: str, step: int = 1) -> list:
@@ -50,7 +49,10 @@ def test_tool_call_parser_text_then_call(step: int) -> None:
 def test_tool_call_parser_two_calls_and_partial_marker_holdback() -> None:
     p = StreamingToolParser(HERMES)
     assert p.feed("Hi <tool") == [TextPiece("Hi")]  # "<tool" may be a marker: held back
-    out = p.feed('_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", "arguments": {"x": [1, "}"]}}</tool_call>')
+    out = p.feed(
+        '_call>{"name": "a", "arguments": {}}</tool_call>\n'
+        '<tool_call>{"name": "b", "arguments": {"x": [1, "}"]}}</tool_call>'
+    )
     assert out == [ToolCall("a", {}), ToolCall("b", {"x": [1, "}"]})]
     assert p.finish() == []
     assert p.calls == 2
@@ -64,11 +66,14 @@ def test_tool_call_parser_not_a_marker_is_released() -> None:
 def test_malformed_markup_comes_back_as_text() -> None:
     text = "x <tool_call>\n{not json}\n</tool_call> y"
     out = merged(feed_all(StreamingToolParser(HERMES), text))
-    assert out == [TextPiece("x"), TextPiece("<tool_call>\n{not json}\n</tool_call>"), TextPiece("y")] or \
-        "".join(p.text for p in out if isinstance(p, TextPiece)).replace(" ", "") == text.replace(" ", "")
+    assert out == [TextPiece("x"), TextPiece("<tool_call>\n{not json}\n</tool_call>"), TextPiece("y")] or "".join(
+        p.text for p in out if isinstance(p, TextPiece)
+    ).replace(" ", "") == text.replace(" ", "")
     assert all(isinstance(p, TextPiece) for p in out)
     # Valid JSON that is not a call (no name) is text as well.
-    assert all(isinstance(p, TextPiece) for p in feed_all(StreamingToolParser(HERMES), '<tool_call>{"x": 1}</tool_call>'))
+    assert all(
+        isinstance(p, TextPiece) for p in feed_all(StreamingToolParser(HERMES), '<tool_call>{"x": 1}</tool_call>')
+    )
 
 
 def test_unterminated_call_is_accepted_if_it_parses() -> None:
@@ -137,20 +142,36 @@ def base(**kw: Any) -> dict[str, Any]:
     return {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], **kw}
 
 
-@pytest.mark.parametrize("body, message", [
-    (base(messages=[{"role": "user", "content": [{"type": "text"}]}]), "messages[0].content[0].text: field required"),
-    (base(messages=[{"role": "user", "content": [{"type": "tool_use", "id": "a", "name": "b", "input": {}}]}]),
-     "messages[0].content[0].type: tool_use blocks are only allowed in assistant messages"),
-    (base(messages=[{"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "b", "input": []}]}]),
-     "messages[0].content[0].input: expected an object, got an array"),
-    (base(messages=[{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "is_error": "yes"}]}]),
-     "messages[0].content[0].is_error: expected a boolean, got a string"),
-    (base(stop_sequences="END"), "stop_sequences: expected an array, got a string"),
-    (base(tool_choice={"type": "tool", "name": "nope"}), "tool_choice.name: no tool named 'nope'"),
-    (base(output_config={"format": {"type": "xml"}}), "output_config.format.type: unsupported format type 'xml'"),
-    (base(max_tokens=0), "max_tokens: must be at least 1"),
-    (base(stream="yes"), "stream: expected a boolean, got a string"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            base(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+            "messages[0].content[0].text: field required",
+        ),
+        (
+            base(messages=[{"role": "user", "content": [{"type": "tool_use", "id": "a", "name": "b", "input": {}}]}]),
+            "messages[0].content[0].type: tool_use blocks are only allowed in assistant messages",
+        ),
+        (
+            base(
+                messages=[{"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "b", "input": []}]}]
+            ),
+            "messages[0].content[0].input: expected an object, got an array",
+        ),
+        (
+            base(
+                messages=[{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "is_error": "yes"}]}]
+            ),
+            "messages[0].content[0].is_error: expected a boolean, got a string",
+        ),
+        (base(stop_sequences="END"), "stop_sequences: expected an array, got a string"),
+        (base(tool_choice={"type": "tool", "name": "nope"}), "tool_choice.name: no tool named 'nope'"),
+        (base(output_config={"format": {"type": "xml"}}), "output_config.format.type: unsupported format type 'xml'"),
+        (base(max_tokens=0), "max_tokens: must be at least 1"),
+        (base(stream="yes"), "stream: expected a boolean, got a string"),
+    ],
+)
 def test_validation_messages_name_the_path(body: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidRequest) as e:
         parse_messages_request(body)
@@ -173,28 +194,62 @@ def tokenizer(tiny_model_dir: Path) -> Any:
     return load_tokenizer(tiny_model_dir)
 
 
-TOOLS = [{"name": "Read", "description": "Read a file.", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}]
+TOOLS = [
+    {
+        "name": "Read",
+        "description": "Read a file.",
+        "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+    }
+]
 
 
 def req(messages: list[dict[str, Any]], **kw: Any) -> Any:
-    body = {"model": "claude-x", "max_tokens": 10, "system": [{"type": "text", "text": "You are a coder."}],
-            "tools": TOOLS, "messages": messages, **kw}
+    body = {
+        "model": "claude-x",
+        "max_tokens": 10,
+        "system": [{"type": "text", "text": "You are a coder."}],
+        "tools": TOOLS,
+        "messages": messages,
+        **kw,
+    }
     return parse_messages_request(body)
 
 
 CONVERSATION: list[dict[str, Any]] = [
-    {"role": "user", "content": [{"type": "text", "text": "<system-reminder>ctx</system-reminder>"}, {"type": "text", "text": "Read a.txt"}]},
-    {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": "s"},
-                                      {"type": "text", "text": "Reading it."},
-                                      {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "a.txt"}}]},
-    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "hello"}]},
-                                 {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]},
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+            {"type": "text", "text": "Read a.txt"},
+        ],
+    },
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "plan", "signature": "s"},
+            {"type": "text", "text": "Reading it."},
+            {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "a.txt"}},
+        ],
+    },
+    {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "hello"}]},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
+        ],
+    },
     {"role": "system", "content": "Mid-conversation note."},
     {"role": "user", "content": "Now summarize."},
     {"role": "assistant", "content": "It says hello."},
     {"role": "user", "content": [{"type": "text", "text": "ok?"}]},
-    {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {"path": "b.txt"}}]},
-    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True, "content": "boom"}]},
+    {
+        "role": "assistant",
+        "content": [{"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {"path": "b.txt"}}],
+    },
+    {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True, "content": "boom"}],
+    },
 ]
 
 
@@ -240,7 +295,9 @@ def test_model_output_renders_back_to_its_tokens(tokenizer: Any) -> None:
 def test_string_and_single_block_render_identically(tokenizer: Any) -> None:
     r = Renderer(tokenizer)
     a = r.render(req([{"role": "user", "content": "hello"}]))
-    b = r.render(req([{"role": "user", "content": [{"type": "text", "text": "hello", "cache_control": {"type": "ephemeral"}}]}]))
+    b = r.render(
+        req([{"role": "user", "content": [{"type": "text", "text": "hello", "cache_control": {"type": "ephemeral"}}]}])
+    )
     assert a.tokens == b.tokens
     sa = r.render(parse_messages_request({**base(), "system": "sys"}))
     sb = r.render(parse_messages_request({**base(), "system": [{"type": "text", "text": "sys"}]}))
@@ -251,14 +308,22 @@ def test_thinking_is_dropped_consistently(tokenizer: Any) -> None:
     r = Renderer(tokenizer)
     with_thinking = r.render(req(CONVERSATION[:3])).tokens
     no_thinking = [dict(m) for m in CONVERSATION[:3]]
-    no_thinking[1] = {"role": "assistant", "content": [b for b in CONVERSATION[1]["content"] if b["type"] != "thinking"]}
+    no_thinking[1] = {
+        "role": "assistant",
+        "content": [b for b in CONVERSATION[1]["content"] if b["type"] != "thinking"],
+    }
     assert Renderer(tokenizer).render(req(no_thinking)).tokens == with_thinking
     assert "plan" not in tokenizer.decode(with_thinking)
 
 
 def test_mid_conversation_system_stays_in_place_and_images_become_placeholders(tokenizer: Any) -> None:
     text = tokenizer.decode(Renderer(tokenizer).render(req(CONVERSATION)).tokens)
-    assert text.index("You are a coder.") < text.index("Read a.txt") < text.index("Mid-conversation note.") < text.index("Now summarize.")
+    assert (
+        text.index("You are a coder.")
+        < text.index("Read a.txt")
+        < text.index("Mid-conversation note.")
+        < text.index("Now summarize.")
+    )
     assert "image omitted" in text and "AAAA" not in text
     assert "Error: boom" in text
     assert '"name": "Read"' in text  # tools reached the template
@@ -278,8 +343,10 @@ def test_template_without_tool_support_gets_a_tools_section(tmp_path: Path) -> N
 
     d = build_tiny_model(tmp_path)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-                            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    cfg["chat_template"] = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     tok = load_tokenizer(d)
     r = Renderer(tok)
@@ -298,15 +365,25 @@ def test_assistant_prefill_is_continued(tokenizer: Any) -> None:
     p = r.render(req([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, "}]))
     assert tokenizer.decode(p.tokens).endswith("<|im_start|>assistant\nSure, ")
     with pytest.raises(InvalidRequest):
-        r.render(req([{"role": "user", "content": "hi"},
-                      {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "Read", "input": {}}]}]))
+        r.render(
+            req(
+                [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "Read", "input": {}}]},
+                ]
+            )
+        )
 
 
 def test_remembered_output_tokens_are_reused(tokenizer: Any) -> None:
     r = Renderer(tokenizer)
     nl = tokenizer.encode("\n", add_special_tokens=False)
     assert len(tokenizer.encode("\n\n\n\n", add_special_tokens=False)) < 4  # the canonical form merges
-    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\n\n\n\n"}, {"role": "user", "content": "and?"}]
+    convo = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "\n\n\n\n"},
+        {"role": "user", "content": "and?"},
+    ]
     canonical = Renderer(tokenizer).render(req(convo)).tokens
     r.remember_output("\n\n\n\n", nl * 4)
     p1 = r.render(req(convo[:1]))
@@ -321,8 +398,15 @@ def test_remembered_output_tokens_are_reused(tokenizer: Any) -> None:
 def test_segments_survive_a_restart_without_tokenizing_again(tokenizer: Any, tmp_path: Path) -> None:
     from cache_backend.token_log import TokenLog
 
-    tools = [{"name": f"Tool{i}", "description": "Reads a file. " * 200, "input_schema": {"type": "object"}} for i in range(4)]
-    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
+    tools = [
+        {"name": f"Tool{i}", "description": "Reads a file. " * 200, "input_schema": {"type": "object"}}
+        for i in range(4)
+    ]
+    convo = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and?"},
+    ]
     log = TokenLog(tmp_path / "segments.jsonl", limit=64)
     before = Renderer(tokenizer)
     before.on_segment = log.append
@@ -352,8 +436,18 @@ def test_token_log_keeps_the_newest_and_compacts(tmp_path: Path) -> None:
     assert TokenLog(path, limit=3).load() == [("e", [101]), ("a", [97]), ("f", [102])]
 
 
-@pytest.mark.parametrize("damage", ["torn json", "wrong type", "not json", "torn utf-8", "garbage bytes",
-                                    "token id changed", "old format without checksum"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "torn json",
+        "wrong type",
+        "not json",
+        "torn utf-8",
+        "garbage bytes",
+        "token id changed",
+        "old format without checksum",
+    ],
+)
 def test_token_log_drops_damaged_lines_with_one_warning(tmp_path: Path, damage: str, caplog) -> None:
     """Finding 3 and 4 of the hardening issue: a torn write that cuts a multi-byte character, or
     garbage, used to stop the server from starting; a changed token id gave a different answer."""
@@ -400,12 +494,26 @@ def test_token_log_that_is_a_directory_is_removed_not_fatal(tmp_path: Path, capl
 
 # --- deferred tools (Claude Code 2.1.33x: defer_loading + ToolSearch's tool_reference) ----------
 
-WEBFETCH = {"name": "WebFetch", "description": "Fetch a URL.", "defer_loading": True,
-            "input_schema": {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]}}
-SEARCH_CALL = {"role": "assistant", "content": [
-    {"type": "tool_use", "id": "toolu_s", "name": "ToolSearch", "input": {"query": "select:WebFetch"}}]}
-SEARCH_RESULT = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_s",
-                                              "content": [{"type": "tool_reference", "tool_name": "WebFetch"}]}]}
+WEBFETCH = {
+    "name": "WebFetch",
+    "description": "Fetch a URL.",
+    "defer_loading": True,
+    "input_schema": {"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]},
+}
+SEARCH_CALL = {
+    "role": "assistant",
+    "content": [{"type": "tool_use", "id": "toolu_s", "name": "ToolSearch", "input": {"query": "select:WebFetch"}}],
+}
+SEARCH_RESULT = {
+    "role": "user",
+    "content": [
+        {
+            "type": "tool_result",
+            "tool_use_id": "toolu_s",
+            "content": [{"type": "tool_reference", "tool_name": "WebFetch"}],
+        }
+    ],
+}
 
 
 def test_a_tool_loaded_by_tool_reference_appends_and_never_moves_the_prefix(tokenizer: Any) -> None:
@@ -413,13 +521,17 @@ def test_a_tool_loaded_by_tool_reference_appends_and_never_moves_the_prefix(toke
     the tool inserted mid-list, as the CLI does) extends the previous prompt token for token, and
     the tool's definition stands inside the tool result."""
     r = Renderer(tokenizer)
-    search = {"name": "ToolSearch", "description": "Find tools.", "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}}}
+    search = {
+        "name": "ToolSearch",
+        "description": "Find tools.",
+        "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}},
+    }
     first = [{"role": "user", "content": "Fetch the docs."}]
     before = r.render(req(first, tools=[search, TOOLS[0]]))
     after = r.render(req(first + [SEARCH_CALL, SEARCH_RESULT], tools=[search, WEBFETCH, TOOLS[0]]))
     assert after.tokens[: before.generation_start] == before.tokens[: before.generation_start]
     assert after.prefix_end == before.prefix_end
-    text = tokenizer.decode(after.tokens[before.generation_start:])
+    text = tokenizer.decode(after.tokens[before.generation_start :])
     assert '"name": "WebFetch"' in text and "Fetch a URL." in text
     assert "WebFetch" not in tokenizer.decode(before.tokens)
 
@@ -432,7 +544,9 @@ def test_an_unloaded_deferred_tool_is_not_in_the_prompt(tokenizer: Any) -> None:
 
 
 def test_tool_reference_to_a_missing_tool_is_a_400_naming_the_field() -> None:
-    with pytest.raises(InvalidRequest, match=r"messages\[2\]\.content\[0\]\.content\[0\]\.tool_name: no tool named 'WebFetch' in tools"):
+    with pytest.raises(
+        InvalidRequest, match=r"messages\[2\]\.content\[0\]\.content\[0\]\.tool_name: no tool named 'WebFetch' in tools"
+    ):
         req([{"role": "user", "content": "x"}, SEARCH_CALL, SEARCH_RESULT])
     bare = {"role": "user", "content": [{"type": "tool_reference", "tool_name": "Nope"}]}
     with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content\[0\]\.tool_name: no tool named 'Nope'"):

@@ -54,9 +54,11 @@ def test_rotating_cch_is_a_break_at_the_billing_block_with_changed_fields() -> N
         expected = value_at + stability.first_difference(old, new)
         assert brk.offset == expected
         assert brk.prefix_chars == tools_chars(cur) + expected
-        assert brk.excerpt["before"].endswith("cch=" + old[:expected - value_at])
+        assert brk.excerpt["before"].endswith("cch=" + old[: expected - value_at])
         # the new turn's messages are growth; the moved cache_control marker is noted only
-        assert [g.path for g in diff.growth] == [f"messages[{i}]" for i in range(len(prev["messages"]), len(cur["messages"]))]
+        assert [g.path for g in diff.growth] == [
+            f"messages[{i}]" for i in range(len(prev["messages"]), len(cur["messages"]))
+        ]
         assert diff.json_only and all(j.kind == stability.JSON_ONLY for j in diff.json_only)
 
 
@@ -125,7 +127,9 @@ def test_mid_conversation_system_message_inserted_is_a_break_appended_is_growth(
     brk = only(stability.compare(prev, inserted).changes)
     assert (brk.path, brk.block, brk.offset) == ("messages[3]", "messages[3]", 0)
     assert "role:system message(s) inserted before existing messages" in brk.reason
-    assert brk.prefix_chars == tools_chars(cur) + system_chars(cur) + sum(stability._message_len(m) for m in cur["messages"][:3])
+    assert brk.prefix_chars == tools_chars(cur) + system_chars(cur) + sum(
+        stability._message_len(m) for m in cur["messages"][:3]
+    )
     appended = copy.deepcopy(cur)
     appended["messages"].append(note)
     diff = stability.compare(prev, appended)
@@ -151,7 +155,10 @@ def test_content_list_string_flips_and_cache_control_are_json_only() -> None:
     # a one-text-block user message flipped to a string and back
     cur["messages"][0] = {"role": "user", "content": "hello there"}
     before = copy.deepcopy(cur)
-    before["messages"][0] = {"role": "user", "content": [{"type": "text", "text": "hello there", "cache_control": {"type": "ephemeral"}}]}
+    before["messages"][0] = {
+        "role": "user",
+        "content": [{"type": "text", "text": "hello there", "cache_control": {"type": "ephemeral"}}],
+    }
     diff = stability.compare(before, cur)
     assert not diff.prefix_breaks
     note = only(diff.changes, stability.JSON_ONLY)
@@ -190,8 +197,11 @@ def test_old_tool_result_edited_reports_deep_path() -> None:
 
 
 def test_string_system_prompt_billing_change() -> None:
-    prev = {"model": "m", "system": "x-anthropic-billing-header: cc_version=2.1.39.c39; cch=56445;\nYou are Claude Code.",
-            "messages": [{"role": "user", "content": "hi"}]}
+    prev = {
+        "model": "m",
+        "system": "x-anthropic-billing-header: cc_version=2.1.39.c39; cch=56445;\nYou are Claude Code.",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     cur = dict(prev, system=prev["system"].replace("56445", "1a2b3"))
     brk = only(stability.compare(prev, cur).changes)
     assert brk.path == "system" and brk.fields == {"cch": ["56445", "1a2b3"]}
@@ -202,7 +212,9 @@ def test_string_system_prompt_billing_change() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["user", "assistant", "system"]), st.text(max_size=40)), min_size=1, max_size=6))
+@given(
+    st.lists(st.tuples(st.sampled_from(["user", "assistant", "system"]), st.text(max_size=40)), min_size=1, max_size=6)
+)
 def test_appending_messages_is_never_a_break(extra) -> None:
     prev = main_bodies(2, with_cch=False)[1]
     cur = copy.deepcopy(prev)
@@ -242,7 +254,11 @@ def test_tracker_on_interleaved_drifted_session() -> None:
     assert seen["subagent 2"].previous_label == "subagent 1"
     assert [c.path for c in seen["subagent 2"].diff.prefix_breaks] == ["system[0].text"]
     assert seen["main 4"].previous_label == "main 3"  # the sub-agent in between does not count
-    paths = {label: [c.path for c in o.diff.prefix_breaks] for label, o in seen.items() if o.diff and label.startswith("main")}
+    paths = {
+        label: [c.path for c in o.diff.prefix_breaks]
+        for label, o in seen.items()
+        if o.diff and label.startswith("main")
+    }
     assert paths == {
         "main 2": ["system[0].text"],
         "main 3": ["system[0].text", "messages[0].content[0].text"],
@@ -253,9 +269,18 @@ def test_tracker_on_interleaved_drifted_session() -> None:
     }
     main = next(c for c in tracker.summary()["conversations"] if c["kind"] == "main")
     assert main["counts"]["requests"] == 7 and main["counts"]["requests_with_prefix_breaks"] == 6
-    assert main["volatile_blocks"][0] == {"block": "system[0]", "changed": 6, "requests": 7,
-                                          "text": "system[0] changed in 6 of 7 requests"}
-    assert {v["block"] for v in main["volatile_blocks"]} == {"system[0]", "tools", "messages[0].content[0]", "messages[1]"}
+    assert main["volatile_blocks"][0] == {
+        "block": "system[0]",
+        "changed": 6,
+        "requests": 7,
+        "text": "system[0] changed in 6 of 7 requests",
+    }
+    assert {v["block"] for v in main["volatile_blocks"]} == {
+        "system[0]",
+        "tools",
+        "messages[0].content[0]",
+        "messages[1]",
+    }
 
 
 def test_normalized_session_has_zero_prefix_breaks() -> None:
@@ -292,7 +317,14 @@ def test_tracker_bounds_memory() -> None:
 
 def test_redactor() -> None:
     red = stability.Redactor()
-    headers = red.headers({"x-api-key": "sk-ant-test-secret", "Authorization": "Bearer abcdef123456", "cookie": "a=sessionvalue99", "x-app": "cli"})
+    headers = red.headers(
+        {
+            "x-api-key": "sk-ant-test-secret",
+            "Authorization": "Bearer abcdef123456",
+            "cookie": "a=sessionvalue99",
+            "x-app": "cli",
+        }
+    )
     assert headers == {"x-api-key": "[REDACTED]", "Authorization": "[REDACTED]", "cookie": "[REDACTED]", "x-app": "cli"}
     text = red.text("key sk-ant-test-secret, token abcdef123456, cookie sessionvalue99, other sk-ant-api03-zzzz")
     assert "secret" not in text and "abcdef" not in text and "sessionvalue99" not in text and "zzzz" not in text
@@ -342,10 +374,21 @@ def test_normalized_subagent_without_agent_header_stays_apart() -> None:
     assert {kind for _, kind in keys} == {"main", "side", "subagent"} and len(keys) == 3
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["type", "text", "role", "content", "name", "input", "cache_control", "x"]), inner, max_size=4),
-                     max_leaves=12)
-_bodies = st.fixed_dictionaries({}, optional={"tools": _json, "system": _json, "messages": _json, "model": _json, "metadata": _json})
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["type", "text", "role", "content", "name", "input", "cache_control", "x"]),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+_bodies = st.fixed_dictionaries(
+    {}, optional={"tools": _json, "system": _json, "messages": _json, "model": _json, "metadata": _json}
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -363,15 +406,31 @@ def test_compare_never_raises_on_odd_bodies(a, b) -> None:
 
 def test_redactor_knows_credential_headers_by_name() -> None:
     red = stability.Redactor()
-    headers = red.headers({"x-goog-api-key": "AIzaSyExample123", "api-key": "azure0123456789", "X-Auth-Token": "tkn-999888",
-                           "x-session-secret": "hush-hush-1", "x-db-password": "pw-12345", "x-request-id": "req-1"})
-    assert headers == {"x-goog-api-key": "[REDACTED]", "api-key": "[REDACTED]", "X-Auth-Token": "[REDACTED]",
-                       "x-session-secret": "[REDACTED]", "x-db-password": "[REDACTED]", "x-request-id": "req-1"}
+    headers = red.headers(
+        {
+            "x-goog-api-key": "AIzaSyExample123",
+            "api-key": "azure0123456789",
+            "X-Auth-Token": "tkn-999888",
+            "x-session-secret": "hush-hush-1",
+            "x-db-password": "pw-12345",
+            "x-request-id": "req-1",
+        }
+    )
+    assert headers == {
+        "x-goog-api-key": "[REDACTED]",
+        "api-key": "[REDACTED]",
+        "X-Auth-Token": "[REDACTED]",
+        "x-session-secret": "[REDACTED]",
+        "x-db-password": "[REDACTED]",
+        "x-request-id": "req-1",
+    }
     assert "AIzaSyExample123" not in red.text("the key AIzaSyExample123 leaked")
 
 
 def test_redactor_keeps_ordinary_words() -> None:
     red = stability.Redactor()
     red.headers({"authorization": "Bearer tok_abcdef123", "cookie": "theme=darkmode; sid=s3cr3tvalue"})
-    assert red.text("Bearer tokens: tok_abcdef123 and s3cr3tvalue, theme darkmode") == \
-        "Bearer tokens: [REDACTED] and [REDACTED], theme [REDACTED]"
+    assert (
+        red.text("Bearer tokens: tok_abcdef123 and s3cr3tvalue, theme darkmode")
+        == "Bearer tokens: [REDACTED] and [REDACTED], theme [REDACTED]"
+    )

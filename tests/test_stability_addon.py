@@ -19,8 +19,14 @@ from addons.stability import METADATA_KEY, ClaudeCodeRequestView, Stability
 from ccwarm.synthetic import Request, SessionGenerator, SessionSpec
 
 
-def make_flow(req: Request | None = None, *, content: bytes | None = None, method: bytes = b"POST",
-              path: bytes = b"/v1/messages?beta=true", headers: tuple = ()) -> http.HTTPFlow:
+def make_flow(
+    req: Request | None = None,
+    *,
+    content: bytes | None = None,
+    method: bytes = b"POST",
+    path: bytes = b"/v1/messages?beta=true",
+    headers: tuple = (),
+) -> http.HTTPFlow:
     pairs = [(b"content-type", b"application/json"), *headers]
     if req is not None:
         pairs += [(k.encode(), v.encode()) for k, v in req.headers.items()]
@@ -111,30 +117,42 @@ def test_drift_paths_on_the_flow(stack) -> None:
     reqs[3].body["tools"] = reqs[3].body["tools"][::-1]
     reqs[3].body["messages"].insert(2, {"role": "system", "content": "Mode changed."})
     flows = run(n, s, reqs)
-    assert [[b["path"] for b in f.metadata[METADATA_KEY]["prefix_breaks"]] for f in flows] == [[], [], ["tools"], ["messages[2]"]]
+    assert [[b["path"] for b in f.metadata[METADATA_KEY]["prefix_breaks"]] for f in flows] == [
+        [],
+        [],
+        ["tools"],
+        ["messages[2]"],
+    ]
     assert "(+1 more)" not in flows[2].comment
 
 
 def test_count_tokens_and_foreign_requests_are_ignored(stack) -> None:
     n, s, _, _ = stack
     req = SessionGenerator(SessionSpec(turns=1)).main_turns()[0]
-    for path, method in ((b"/v1/messages/count_tokens?beta=true", b"POST"), (b"/v1/messages", b"GET"), (b"/v1/complete", b"POST")):
+    for path, method in (
+        (b"/v1/messages/count_tokens?beta=true", b"POST"),
+        (b"/v1/messages", b"GET"),
+        (b"/v1/complete", b"POST"),
+    ):
         f = make_flow(req, path=path, method=method)
         s.request(f)
         s.drain()
         assert METADATA_KEY not in f.metadata and not s._pending
 
 
-@pytest.mark.parametrize("content,headers,why", [
-    (b"not json", (), "not valid JSON"),
-    (b"[1,2]", (), "not an object"),
-    (b"", (), "no body"),
-    (gzip.compress(b'{"messages": []}'), ((b"content-encoding", b"gzip"),), "content-encoding 'gzip'"),
-    (b"\xff\xfe{", (), "not UTF-8"),
-    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", (), "too deeply"),
-    (b'{"messages": ' + b"[" * 200 + b"]" * 200 + b"}", (), "more than 128 levels"),
-    (b'{"max_tokens": ' + b"9" * 5000 + b"}", (), "4300 digits"),
-])
+@pytest.mark.parametrize(
+    "content,headers,why",
+    [
+        (b"not json", (), "not valid JSON"),
+        (b"[1,2]", (), "not an object"),
+        (b"", (), "no body"),
+        (gzip.compress(b'{"messages": []}'), ((b"content-encoding", b"gzip"),), "content-encoding 'gzip'"),
+        (b"\xff\xfe{", (), "not UTF-8"),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", (), "too deeply"),
+        (b'{"messages": ' + b"[" * 200 + b"]" * 200 + b"}", (), "more than 128 levels"),
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", (), "4300 digits"),
+    ],
+)
 def test_bad_input_is_ignored_with_a_debug_log(stack, caplog, content, headers, why) -> None:
     n, s, _, _ = stack
     f = make_flow(content=content, headers=headers)
@@ -184,6 +202,7 @@ def test_response_hook_waits_only_when_asked(stack) -> None:
 
 def in_loop(s: Stability, body) -> list[http.HTTPFlow]:
     """Run `body(flows)` inside an event loop, as mitmdump/mitmweb do, and wait for all results."""
+
     async def main():
         flows = await body()
         for _ in range(300):
@@ -191,6 +210,7 @@ def in_loop(s: Stability, body) -> list[http.HTTPFlow]:
                 break
             await asyncio.sleep(0.01)
         return flows
+
     return asyncio.run(main())
 
 
@@ -311,7 +331,9 @@ def test_content_view_shows_blocks_dropped_and_diff(stack) -> None:
     assert f"diff to the previous request of this conversation (flow {flows[1].id})" in text
     assert "PREFIX BREAKS (1):" in text and "messages[0].content[0].text @" in text
     # responses and other requests keep their usual views
-    flows[2].response = tutils.tresp(content=b'{"a": 1}', headers=http.Headers(((b"content-type", b"application/json"),)))
+    flows[2].response = tutils.tresp(
+        content=b'{"a": 1}', headers=http.Headers(((b"content-type", b"application/json"),))
+    )
     assert contentviews.prettify_message(flows[2].response, flows[2]).view_name != "Claude Code"
 
 

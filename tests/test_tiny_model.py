@@ -44,9 +44,7 @@ def _greedy(model, tokenizer, prompt, n: int, cache=None) -> list[int]:
 
     return [
         r.token
-        for r in stream_generate(
-            model, tokenizer, prompt, max_tokens=n, sampler=make_sampler(0.0), prompt_cache=cache
-        )
+        for r in stream_generate(model, tokenizer, prompt, max_tokens=n, sampler=make_sampler(0.0), prompt_cache=cache)
     ]
 
 
@@ -70,9 +68,25 @@ def test_same_seed_same_bytes_other_seed_other_weights(tmp_path: Path, tiny_dir:
 def test_cli_script(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(out), "--seed", "3",
-         "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--intermediate", "64"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "make_tiny_model.py"),
+            str(out),
+            "--seed",
+            "3",
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--intermediate",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     cfg = json.loads((out / "config.json").read_text())
@@ -172,12 +186,17 @@ def test_chat_template_without_tools_matches_smollm2(loaded) -> None:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     _, tokenizer = loaded
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                {"role": "user", "content": "Bye"}]
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
     ours = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    smollm = ImmutableSandboxedEnvironment().from_string(
-        default_model_metadata()["tokenizer.chat_template"]
-    ).render(messages=messages, add_generation_prompt=True)
+    smollm = (
+        ImmutableSandboxedEnvironment()
+        .from_string(default_model_metadata()["tokenizer.chat_template"])
+        .render(messages=messages, add_generation_prompt=True)
+    )
     assert ours == smollm
     assert "<tools>" not in ours and TOOL_CHAT_TEMPLATE
 
