@@ -143,7 +143,7 @@ def interactive(cli: Path, env: dict[str, str], work: Path, prompt: str) -> dict
     t0 = time.monotonic()
     try:
         tmux.start(f"env -i {env_args} TERM=xterm-256color {shlex.quote(str(cli))}", work)
-        e2e._wait_screen(tmux, r"\? for shortcuts", 300, screens, answered)
+        e2e._wait_screen(tmux, r"\? for shortcuts|auto mode on", 300, screens, answered)
         tmux.keys(prompt, literal=True)
         time.sleep(0.3)
         tmux.keys("Enter")

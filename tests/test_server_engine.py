@@ -146,3 +146,82 @@ def test_incremental_detokenizer_joins_to_decode(loaded: tuple[Any, Any]) -> Non
     pieces = [d.add(i) for i in ids] + [d.finish()]
     assert "".join(pieces) == tok.decode(ids) == text
     assert pieces[0] == " Hello"  # a leading space is kept
+
+
+class KeepsPartial(NoCache):
+    """Keeps the last 'partial' save (with every layer's offset) and restores it once."""
+
+    def __init__(self) -> None:
+        self.partial: tuple[list[int], list[Any]] | None = None
+        self.offsets: list[int] = []
+
+    def restore(self, model: Any, prompt: RenderedPrompt) -> Restored:
+        if self.partial is not None:
+            tokens, cache = self.partial
+            self.partial = None
+            return Restored(cache, len(tokens), resumed=True)
+        return Restored(make_prompt_cache(model), 0)
+
+    def save(self, tokens: Any, cache: list[Any], kind: Any) -> None:
+        if kind == "partial":
+            self.partial = (list(tokens), cache)
+            self.offsets = [c.offset for c in cache]
+
+
+def test_a_cancel_between_layers_keeps_a_consistent_prefix_and_resumes_exactly(loaded: tuple[Any, Any]) -> None:
+    """cpu_attention checks for a cancel before each layer: a pass stopped at layer 2 of a chunk
+    leaves layer 1 one chunk ahead; the engine trims it back, keeps the prefix up to the chunk's
+    start, and the resumed request answers as an unbroken one."""
+    import mlx_lm.models.llama as llama
+
+    from cache_backend import cpu_attention
+
+    model, tokenizer = loaded
+    prompt = RenderedPrompt(
+        tokens=[(7 * i) % 900 + 20 for i in range(300)], prefix_end=0, message_ends=(), generation_start=300
+    )
+    assert cpu_attention.install(model, "numpy").startswith("numpy")
+    unbroken = Engine(model, tokenizer, NoCache())
+    unbroken.start()
+    try:
+        _, expected = run(unbroken, prompt)
+    finally:
+        unbroken.stop()
+
+    store = KeepsPartial()
+    engine = Engine(model, tokenizer, store, prefill_chunk=64)
+    job_box: dict[str, Job] = {}
+
+    def cancelling_attention(queries: Any, keys: Any, *args: Any, **kwargs: Any) -> Any:
+        if keys.shape[2] == 160 and "job" in job_box:  # the 3rd chunk (tokens 96-160), first layer
+            job_box["job"].cancel.set()
+        return cpu_attention.attention(queries, keys, *args, **kwargs)
+
+    llama.scaled_dot_product_attention = cancelling_attention
+    engine.start()
+    try:
+        done = threading.Event()
+        ends: list[Any] = []
+        job = Job(
+            prompt=prompt,
+            params=GenerationParams(max_tokens=12, temperature=0.0),
+            sink=lambda ev: (ends.append(ev), done.set()) if isinstance(ev, (Finished, Failed)) else None,
+        )
+        job_box["job"] = job
+        engine.submit(job)
+        deadline = 60
+        while not store.offsets and deadline > 0:
+            threading.Event().wait(0.05)
+            deadline -= 0.05
+        assert store.partial is not None, "the cancelled prefill kept nothing"
+        kept = len(store.partial[0])
+        # Chunks of 32, 64, 64: stopped in the third's first layer (which already holds it), the
+        # prefix ends where that chunk began; a check only between chunks would have kept 160.
+        assert kept == 96 and store.offsets == [kept] * len(store.offsets), (kept, store.offsets)
+        llama.scaled_dot_product_attention = cpu_attention.attention
+        restored, resumed = run(engine, prompt)
+        assert restored == kept
+        assert resumed.output_tokens == expected.output_tokens and resumed.blocks == expected.blocks
+    finally:
+        engine.stop()
+        cpu_attention.install(model, "mlx")
