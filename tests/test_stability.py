@@ -128,7 +128,7 @@ def test_mid_conversation_system_message_inserted_is_a_break_appended_is_growth(
     assert (brk.path, brk.block, brk.offset) == ("messages[3]", "messages[3]", 0)
     assert "role:system message(s) inserted before existing messages" in brk.reason
     assert brk.prefix_chars == tools_chars(cur) + system_chars(cur) + sum(
-        stability._message_len(m) for m in cur["messages"][:3]
+        stability.message_len(m) for m in cur["messages"][:3]
     )
     appended = copy.deepcopy(cur)
     appended["messages"].append(note)
