@@ -1,5 +1,2 @@
-"""mitmproxy addons, each loadable on its own with `mitmdump -s addons/<name>.py`.
-
-normalize.py strips Claude Code's volatile system blocks; stability.py reports what still drifts.
-The request logic they share lives in the `ccwarm` package.
-"""
+"""Script entry points for mitmproxy (`mitmdump -s addons/<name>.py`); each re-exports an addon of
+the installed `ccwarm.addons` package, where the code and its documentation live."""

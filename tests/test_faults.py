@@ -39,10 +39,10 @@ from server_helpers import check_event_order, parse_sse
 from test_normalize_addon import make_flow
 from test_prefix_cache_server import ask, same_as_cold, start, stats, user
 
-from addons.normalize import METADATA_KEY as NORMALIZE_KEY
-from addons.normalize import Normalize
-from addons.stability import Stability
 from ccwarm import jsonsafe
+from ccwarm.addons.normalize import METADATA_KEY as NORMALIZE_KEY
+from ccwarm.addons.normalize import Normalize
+from ccwarm.addons.stability import Stability
 from ccwarm.server_proc import ServerProcess
 from ccwarm.synthetic import SessionGenerator, SessionSpec
 from ccwarm.synthetic_current import CurrentSession

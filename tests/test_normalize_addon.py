@@ -10,7 +10,7 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.normalize import METADATA_KEY, Normalize
+from ccwarm.addons.normalize import METADATA_KEY, Normalize
 from ccwarm.synthetic import SessionGenerator, SessionSpec
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;"

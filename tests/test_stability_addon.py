@@ -14,8 +14,8 @@ import pytest
 from mitmproxy import contentviews, exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons.normalize import Normalize
-from addons.stability import METADATA_KEY, ClaudeCodeRequestView, Stability
+from ccwarm.addons.normalize import Normalize
+from ccwarm.addons.stability import METADATA_KEY, ClaudeCodeRequestView, Stability
 from ccwarm.synthetic import Request, SessionGenerator, SessionSpec
 
 
