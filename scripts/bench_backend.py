@@ -24,10 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started  # noqa: E402
-from cache_backend.render import RenderedPrompt  # noqa: E402
-from ccwarm.harness import REPO  # noqa: E402
+from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started
+from cache_backend.render import RenderedPrompt
+from ccwarm.harness import REPO
 
 
 def measure(engine: Engine, n_prompt: int, n_decode: int, seed: int) -> dict[str, float]:

@@ -34,11 +34,10 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cache_backend.render import tool_call_markup  # noqa: E402
-from ccwarm.harness import REPO, mitmdump  # noqa: E402
-from ccwarm.server_proc import companion_server  # noqa: E402
-from ccwarm.synthetic import SessionGenerator, SessionSpec, text_of_size  # noqa: E402
+from cache_backend.render import tool_call_markup
+from ccwarm.harness import REPO, mitmdump
+from ccwarm.server_proc import companion_server
+from ccwarm.synthetic import SessionGenerator, SessionSpec, text_of_size
 
 
 @dataclass

@@ -24,9 +24,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ccwarm.harness import REPO, RecordingUpstream, mitmdump  # noqa: E402
-from ccwarm.synthetic import SessionGenerator, SessionSpec  # noqa: E402
+from ccwarm.harness import REPO, RecordingUpstream, mitmdump
+from ccwarm.synthetic import SessionGenerator, SessionSpec
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -55,16 +55,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import httpx  # noqa: E402
-
-from ccwarm import payload  # noqa: E402
-from ccwarm.claude_cli import CliInstallError, cli_version  # noqa: E402
-from ccwarm.claude_cli import ensure_cli as _ensure_cli  # noqa: E402
-from ccwarm.harness import REPO, RecordingUpstream, mitmdump  # noqa: E402
-from ccwarm.server_proc import companion_server  # noqa: E402
+from ccwarm import payload
+from ccwarm.claude_cli import CliInstallError, cli_version
+from ccwarm.claude_cli import ensure_cli as _ensure_cli
+from ccwarm.harness import REPO, RecordingUpstream, mitmdump
+from ccwarm.server_proc import companion_server
 
 CLI_MODEL = "claude-opus-5-5"  # the current CLI's default; auto mode refuses retired models
 DEFAULT_JSON = REPO / "artifacts" / "e2e_claude_code.json"

@@ -34,9 +34,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ccwarm.claude_cli import cli_version, ensure_cli  # noqa: E402
-from ccwarm.harness import REPO, free_port  # noqa: E402
+from ccwarm.claude_cli import cli_version, ensure_cli
+from ccwarm.harness import REPO, free_port
 
 TURN_TIMEOUT = 1800.0
 DEFAULT_JSON = REPO / "artifacts" / "first_contact.json"
@@ -130,7 +129,6 @@ def turn(cli: Path, env: dict[str, str], work: Path, prompt: str, cont: bool) ->
 
 def interactive(cli: Path, env: dict[str, str], work: Path, prompt: str) -> dict[str, Any]:
     """The UI under tmux: answer the first-run dialogs, send one prompt, wait for the answer."""
-    sys.path.insert(0, str(REPO / "scripts"))
     import e2e_claude_code as e2e
 
     tmux = e2e.Tmux("ccwarm-first-contact")

@@ -5,14 +5,11 @@ Usage: .venv/bin/python scripts/make_tiny_model.py DIR [--seed N] [--layers N] [
 Tests and benchmarks use it because the real model is far too slow on CPU for 20k-token prompts.
 """
 
-import sys
-from pathlib import Path
 
 # Run as a plain script from a checkout: make the repo importable even if the editable install
 # is missing or stale.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cache_backend.tiny_model import main  # noqa: E402
+from cache_backend.tiny_model import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

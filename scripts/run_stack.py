@@ -15,11 +15,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ccwarm.harness import BIN, REPO, stop_process, wait_for_port  # noqa: E402
-from ccwarm.server_proc import ServerProcess  # noqa: E402
+from ccwarm.harness import BIN, REPO, stop_process, wait_for_port
+from ccwarm.server_proc import ServerProcess
 
 # SmolLM2 was trained on 8k tokens, but Claude Code's first prompt is ~29k tokens (-p) to ~32k
 # (interactive) and grows every turn: raised so the whole chain works out of the box.

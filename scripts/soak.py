@@ -36,14 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_cache import Replay, stream_request  # a sibling: scripts/ is on sys.path when run
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ccwarm.harness import REPO, mitmdump  # noqa: E402
-from ccwarm.server_proc import companion_server  # noqa: E402
-from ccwarm.synthetic import SessionSpec  # noqa: E402
-from ccwarm.synthetic_current import CurrentSession, CurrentSpec  # noqa: E402
-from scripts.bench_cache import Replay, stream_request  # noqa: E402
+from ccwarm.harness import REPO, mitmdump
+from ccwarm.server_proc import companion_server
+from ccwarm.synthetic import SessionSpec
+from ccwarm.synthetic_current import CurrentSession, CurrentSpec
 
 
 @dataclass

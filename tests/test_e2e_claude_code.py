@@ -12,30 +12,17 @@ when missing) and, for the UI test, tmux.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
-import sys
 
 import pytest
 
-from ccwarm.harness import REPO
+from scripts import e2e_claude_code as e2e
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed: cannot install the Claude Code CLI"),
 ]
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("e2e_claude_code", REPO / "scripts" / "e2e_claude_code.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _load_script()
 
 
 @pytest.fixture(scope="module")

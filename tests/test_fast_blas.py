@@ -22,7 +22,6 @@ REPO = Path(__file__).resolve().parent.parent
 # Re-executes itself through fast_blas, then reports what it got and a float32 matmul result.
 CHILD = textwrap.dedent("""
     import json, os, sys
-    sys.path.insert(0, sys.argv[1])
     from cache_backend import fast_blas
     fast_blas.reexec_with_fast_blas()
     import mlx.core as mx
