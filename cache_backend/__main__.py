@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="FILE",
-        help="TEST ONLY: JSON list of {when, reply} entries decoded by forcing tokens (see cache_backend/scripted.py)",
+        help="TEST ONLY: JSON list of {when, reply} entries decoded by forcing tokens "
+        "(see cache_backend/testing/scripted.py)",
     )
     test.add_argument(
         "--test-slow-prefill",
@@ -207,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     from cache_backend.metrics import ServerMetrics
     from cache_backend.prefix_cache import NoCache
     from cache_backend.render import Renderer
-    from cache_backend.scripted import load_script
 
     model, tokenizer, config = load(model_ref, return_config=True)
     from cache_backend.cpu_attention import install as install_attention
@@ -225,13 +225,16 @@ def main(argv: list[str] | None = None) -> int:
             limit,
             trained,
         )
-    script = load_script(args.test_forced_replies) if args.test_forced_replies else []
-    if script:
+    renderer = Renderer(tokenizer, context_limit=limit)
+    params_hook = None
+    if args.test_forced_replies:
+        from cache_backend.testing.scripted import load_script, scripted_replies
+
+        script = load_script(args.test_forced_replies)
         log.warning(
             "TEST ONLY: scripted replies from %s are active (%d entries)", args.test_forced_replies, len(script)
         )
-
-    renderer = Renderer(tokenizer, context_limit=limit)
+        params_hook = scripted_replies(script, renderer.encode, getattr(tokenizer, "eos_token_id", None))
     memory = parse_size(args.cache_memory, what="--cache-memory")
     disk = parse_size(args.cache_disk, what="--cache-disk")
     prefix_cache: Any = NoCache()
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         renderer.on_segment = segments.append
 
     if args.test_slow_prefill:
-        from cache_backend.slow_model import SlowModel
+        from cache_backend.testing.slow_model import SlowModel
 
         log.warning("TEST ONLY: every forward pass sleeps %.4fs per input token", args.test_slow_prefill)
         model = SlowModel(model, args.test_slow_prefill)
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         ping_interval=args.ping_interval,
         structured_deadline_s=args.structured_deadline,
         progress_after_s=args.progress_after,
-        script=script,
+        params_hook=params_hook,
     )
     stopped = threading.Event()
 

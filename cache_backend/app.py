@@ -37,7 +37,6 @@ from cache_backend.metrics import ServerMetrics
 from cache_backend.output import new_id
 from cache_backend.progress import ProgressBlock
 from cache_backend.render import RenderedPrompt, Renderer, tool_call_markup, tool_dict
-from cache_backend.scripted import ScriptedReply, match
 from cache_backend.structured import opening_for
 from cache_backend.toolcalls import syntax_for
 from cache_backend.validate import MessagesRequest, parse_json_body, parse_messages_request
@@ -58,7 +57,8 @@ class ServerConfig:
     ping_interval: float = 5.0
     structured_deadline_s: float = 60.0
     progress_after_s: float = 3.0  # a prefill longer than this streams a progress thinking block; < 0: never
-    script: list[ScriptedReply] = field(default_factory=list)
+    # May rewrite a request's generation settings; None in production (tests: testing/scripted.py).
+    params_hook: Callable[[dict[str, Any], GenerationParams], GenerationParams] | None = None
     created_at: str = "2025-01-01T00:00:00Z"
 
 
@@ -288,13 +288,7 @@ def build_params(
     if req.tools and req.tool_choice.type != "none" and req.json_schema is None:
         syntax = syntax_for(tok, tools)
     forced: tuple[int, ...] = ()
-    fail_after = None
-    scripted = match(cfg.script, body) if cfg.script else None
-    if scripted is not None:
-        eos = getattr(tok, "eos_token_id", None)
-        forced = tuple(state.renderer.encode(scripted.reply)) + ((eos,) if eos is not None else ())
-        fail_after = scripted.fail_after_tokens
-    elif syntax is not None and req.tool_choice.type in ("any", "tool"):
+    if syntax is not None and req.tool_choice.type in ("any", "tool"):
         if req.tool_choice.type == "tool" and syntax.json_body:
             head = tool_call_markup(req.tool_choice.name or "", {})
             head = head[: head.index('"arguments": ') + len('"arguments": ')]
@@ -305,7 +299,7 @@ def build_params(
         opening = opening_for(req.json_schema)
         if opening:
             forced = tuple(state.renderer.encode(opening))
-    return GenerationParams(
+    params = GenerationParams(
         max_tokens=max_tokens,
         context_cut=context_cut,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -316,8 +310,8 @@ def build_params(
         json_schema=req.json_schema,
         deadline_s=cfg.structured_deadline_s if req.json_schema is not None else None,
         forced_tokens=forced,
-        fail_after_tokens=fail_after,
     )
+    return cfg.params_hook(body, params) if cfg.params_hook else params
 
 
 def _failure_text(ev: Failed) -> str:

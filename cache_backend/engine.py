@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +55,9 @@ class GenerationParams:
     tool_syntax: ToolCallSyntax | None = None
     json_schema: dict[str, Any] | None = None
     deadline_s: float | None = None  # wall-clock budget for the whole job once it starts
-    forced_tokens: tuple[int, ...] = ()  # fed through the model as if sampled, before sampling
-    fail_after_tokens: int | None = None  # test-only: raise after this many output tokens
+    # Fed through the model as if sampled, before sampling starts (a forced tool-call opening, a
+    # JSON opening). Any iterable: one that raises fails the job there (tests inject faults so).
+    forced_tokens: Iterable[int] = ()
 
 
 @dataclass(frozen=True)
@@ -392,7 +393,7 @@ class Engine:
             p.temperature if p.temperature is not None else 1.0, top_p=p.top_p or 0.0, top_k=p.top_k or 0
         )
         detok = IncrementalDetokenizer(self.tokenizer)
-        forced = list(p.forced_tokens)
+        forced = iter(p.forced_tokens)
         out: list[int] = []
         fed = 0  # how many of `out` went through the model (the last one sampled usually did not)
         pieces: list[str] = []
@@ -403,17 +404,14 @@ class Engine:
             if deadline is not None and time.monotonic() > deadline:
                 cause = "deadline"
                 break
-            if forced:
-                tok = forced.pop(0)
-            else:
+            tok = next(forced, None)
+            if tok is None:
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 tok = int(sampler(logprobs).item())
             out.append(tok)
             job.generated = len(out)
             if ttft is None:
                 ttft = job.ttft_s = time.monotonic() - job.created
-            if p.fail_after_tokens is not None and len(out) > p.fail_after_tokens:
-                raise RuntimeError(f"test-induced failure after {p.fail_after_tokens} output tokens")
             if tok in self.eos_ids:
                 cause = "eos"
                 break

@@ -113,7 +113,7 @@ def main() -> int:
     blas = f"{blas_in_use()}; float32 matmul {matmul_gflops():.0f} GFLOP/s"
     print(f"BLAS: {blas}")
 
-    from cache_backend.tiny_model import make_tiny_model
+    from cache_backend.testing.tiny_model import make_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="ccwarm-bench-backend-"))
     models = {

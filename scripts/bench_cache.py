@@ -264,7 +264,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ccwarm-bench-"))
     model = args.model
     if model is None:
-        from cache_backend.tiny_model import make_tiny_model
+        from cache_backend.testing.tiny_model import make_tiny_model
 
         model = str(
             make_tiny_model(

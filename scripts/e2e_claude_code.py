@@ -849,7 +849,7 @@ def run_sessions(
 
 
 def tiny_model(root: Path) -> Path:
-    from cache_backend.tiny_model import make_tiny_model
+    from cache_backend.testing.tiny_model import make_tiny_model
 
     return Path(make_tiny_model(root / "tiny-model", seed=0))
 

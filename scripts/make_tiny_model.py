@@ -9,7 +9,7 @@ Tests and benchmarks use it because the real model is far too slow on CPU for 20
 # Run as a plain script from a checkout: make the repo importable even if the editable install
 # is missing or stale.
 
-from cache_backend.tiny_model import main
+from cache_backend.testing.tiny_model import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -295,7 +295,7 @@ def main() -> int:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ccwarm-soak-"))
-    from cache_backend.tiny_model import make_tiny_model
+    from cache_backend.testing.tiny_model import make_tiny_model
 
     model = make_tiny_model(work / "tiny-model", seed=0, num_layers=1, hidden_size=512, intermediate_size=2048)
     replay = Replay(SessionSpec(seed=3, tools_json_bytes=60_000, system_bytes=8_000), args.main_turns)

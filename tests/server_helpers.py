@@ -12,7 +12,7 @@ from ccwarm import server_proc
 
 
 def build_tiny_model(base: Path, max_position_embeddings: int = 4096) -> Path:
-    from cache_backend.tiny_model import make_tiny_model
+    from cache_backend.testing.tiny_model import make_tiny_model
 
     return make_tiny_model(base / "tiny-model", seed=0, max_position_embeddings=max_position_embeddings)
 

@@ -133,7 +133,7 @@ def test_auto_leaves_one_layer_models_to_mlx(tiny_model_dir, tmp_path) -> None:
 
     from mlx_lm import load
 
-    from cache_backend.tiny_model import make_tiny_model
+    from cache_backend.testing.tiny_model import make_tiny_model
 
     two, _ = load(str(tiny_model_dir))
     one, _ = load(str(make_tiny_model(tmp_path / "one-layer", seed=0, num_layers=1)))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cache_backend.default_model import default_model_metadata, find_default_model_wheel
-from cache_backend.tiny_model import TOOL_CHAT_TEMPLATE, make_tiny_model
+from cache_backend.testing.tiny_model import TOOL_CHAT_TEMPLATE, make_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 

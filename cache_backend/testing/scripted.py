@@ -14,10 +14,14 @@ Requests that match no entry are sampled normally.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cache_backend.engine import GenerationParams
 
 
 @dataclass(frozen=True)
@@ -46,3 +50,28 @@ def match(script: list[ScriptedReply], body: dict[str, Any]) -> ScriptedReply | 
         if e.when is None or e.when in last:
             return e
     return None
+
+
+def _failing(tokens: Iterable[int], after: int) -> Iterator[int]:
+    """`tokens`, then a failure where token `after + 1` would come: a mid-stream generation error."""
+    for i, tok in enumerate(tokens):
+        if i >= after:
+            raise RuntimeError(f"test-induced failure after {after} output tokens")
+        yield tok
+
+
+def scripted_replies(
+    script: list[ScriptedReply], encode: Callable[[str], list[int]], eos_id: int | None
+) -> Callable[[dict[str, Any], GenerationParams], GenerationParams]:
+    """The server's `params_hook` for `--test-forced-replies`: a matching request decodes its reply
+    (then end of turn) by forced tokens instead of sampling; others are left as they are."""
+
+    def hook(body: dict[str, Any], params: GenerationParams) -> GenerationParams:
+        entry = match(script, body)
+        if entry is None:
+            return params
+        tokens = [*encode(entry.reply), *([eos_id] if eos_id is not None else [])]
+        forced = tokens if entry.fail_after_tokens is None else _failing(tokens, entry.fail_after_tokens)
+        return dataclasses.replace(params, forced_tokens=forced)
+
+    return hook
