@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from cache_backend.app import ServerConfig, ServerState, create_app
     from cache_backend.engine import Engine
     from cache_backend.metrics import ServerMetrics
-    from cache_backend.prefix_cache import NoCache
+    from cache_backend.prefix_cache import NoCache, PrefixCache
     from cache_backend.render import Renderer
 
     model, tokenizer, config = load(model_ref, return_config=True)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         params_hook = scripted_replies(script, renderer.encode, getattr(tokenizer, "eos_token_id", None))
     memory = parse_size(args.cache_memory, what="--cache-memory")
     disk = parse_size(args.cache_disk, what="--cache-disk")
-    prefix_cache: Any = NoCache()
+    prefix_cache: PrefixCache = NoCache()
     if memory > 0:
         from cache_backend.snapshot_cache import SnapshotCache
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     log.info("prefix cache: %s", prefix_cache.describe())
     on_output = renderer.remember_output
-    disk_dir = getattr(getattr(getattr(prefix_cache, "store", None), "disk", None), "dir", None)
+    disk_dir = prefix_cache.disk_dir
     if disk_dir is not None:
         from cache_backend.token_log import TokenLog, tokenizer_id
 
@@ -304,9 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         stopped.set()
         engine.stop()
-        close = getattr(prefix_cache, "close", None)
-        if close is not None:
-            close()  # let queued snapshot writes finish
+        prefix_cache.close()  # let queued snapshot writes finish
         log.info("stopped; snapshots written")
 
     app = create_app(ServerState(config=cfg, engine=engine, renderer=renderer, metrics=metrics), on_shutdown=shutdown)

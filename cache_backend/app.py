@@ -36,7 +36,8 @@ from cache_backend.errors import (
 from cache_backend.metrics import ServerMetrics
 from cache_backend.output import new_id
 from cache_backend.progress import ProgressBlock
-from cache_backend.render import RenderedPrompt, Renderer, tool_call_markup, tool_dict
+from cache_backend.prompt import RenderedPrompt
+from cache_backend.render import Renderer, tool_call_markup, tool_dict
 from cache_backend.structured import opening_for
 from cache_backend.toolcalls import syntax_for
 from cache_backend.validate import MessagesRequest, parse_json_body, parse_messages_request
@@ -160,8 +161,7 @@ def create_app(state: ServerState, on_shutdown: Callable[[], None] | None = None
         }
 
     def cache_stats() -> dict[str, Any]:
-        stats = getattr(state.engine.prefix_cache, "stats", None)
-        out = stats() if stats is not None else {}
+        out: dict[str, Any] = dict(state.engine.prefix_cache.stats())
         out.update(requests_in_flight=state.engine.in_flight, resumed_prefills=state.engine.resumed_prefills)
         return out
 

@@ -37,7 +37,7 @@ from cache_backend.detok import IncrementalDetokenizer
 from cache_backend.metrics import RequestRecord, ServerMetrics
 from cache_backend.output import Cause, OutputAssembler, StopReason
 from cache_backend.prefix_cache import NoCache, PrefixCache, Restored
-from cache_backend.render import RenderedPrompt
+from cache_backend.prompt import RenderedPrompt
 from cache_backend.structured import validate as validate_json
 from cache_backend.toolcalls import ToolCallSyntax
 

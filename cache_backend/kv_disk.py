@@ -35,9 +35,9 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 from cache_backend.kv_snapshots import Layers, Snapshot, tokens_held
 
 # 2: a checksum of tokens, metadata and tensors (snapshot_checksum); files of format 1 are removed.
-FORMAT = "ccwarm-kv/2"
+FORMAT = "ccwarm-kv/3"
 # The metadata fields covered by the checksum, besides the tokens.
-_CHECKED = ("format", "model", "conversation", "protected", "trimmable")
+_CHECKED = ("format", "model", "kind", "protected", "trimmable")
 log = logging.getLogger("ccwarm.kv_disk")
 
 
@@ -254,7 +254,7 @@ class DiskTier:
             id=snap_id,
             tokens=tokens,
             layers=None,
-            conversation=meta.get("conversation", ""),
+            kind=meta.get("kind", ""),
             protected=int(meta.get("protected", 0)),
             trimmable=meta.get("trimmable") == "1",
             nbytes=0,
@@ -356,7 +356,7 @@ class DiskTier:
         fields = {
             "format": FORMAT,
             "model": self.fingerprint,
-            "conversation": snap.conversation,
+            "kind": snap.kind,
             "protected": str(snap.protected),
             "trimmable": "1" if snap.trimmable else "0",
         }
@@ -376,7 +376,7 @@ class DiskTier:
                     id=snap.id,
                     tokens=snap.tokens,
                     layers=None,
-                    conversation=snap.conversation,
+                    kind=snap.kind,
                     protected=snap.protected,
                     trimmable=snap.trimmable,
                     on_disk=True,

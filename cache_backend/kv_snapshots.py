@@ -129,7 +129,7 @@ class Snapshot:
     id: str
     tokens: np.ndarray
     layers: Layers | None  # None: only on disk
-    conversation: str
+    kind: str  # the save kind that made it: checkpoint, partial, prompt or generation
     protected: int = 0
     trimmable: bool = True
     nbytes: int = 0
@@ -217,7 +217,7 @@ class SnapshotStore:
 
     # -- storing --------------------------------------------------------------------------------
 
-    def put(self, tokens: Sequence[int], live: Layers, conversation: str, protected: int = 0) -> Snapshot | None:
+    def put(self, tokens: Sequence[int], live: Layers, kind: str, protected: int = 0) -> Snapshot | None:
         """Snapshot a live cache that holds exactly `tokens` (and seal it, see `freeze`)."""
         toks = np.asarray(tokens, dtype=np.int32)
         held = tokens_held(live)
@@ -240,7 +240,7 @@ class SnapshotStore:
             id=self._new_id(),
             tokens=toks,
             layers=layers,
-            conversation=conversation,
+            kind=kind,
             protected=protected,
             trimmable=trimmable,
             nbytes=layers_nbytes(layers),
@@ -314,7 +314,7 @@ class SnapshotStore:
             id=self._new_id(),
             tokens=prefix.copy(),
             layers=shrink(snap.layers, n),
-            conversation=snap.conversation,
+            kind=snap.kind,
             protected=n,
             trimmable=True,
             last_used=snap.last_used,

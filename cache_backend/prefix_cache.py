@@ -31,10 +31,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from cache_backend.render import RenderedPrompt
+    from cache_backend.prompt import RenderedPrompt
 
 SaveKind = Literal["checkpoint", "partial", "prompt", "generation"]
 
@@ -62,6 +63,23 @@ class PrefixCache(ABC):
 
     def describe(self) -> str:
         return type(self).__name__
+
+    def stats(self) -> dict[str, int]:
+        """Figures for `/v1/cache/stats` and `/metrics` (names are the keys); none by default."""
+        return {}
+
+    @property
+    def disk_dir(self) -> Path | None:
+        """The folder that holds this cache's files, if it keeps any (the token logs go beside them)."""
+        return None
+
+    def flush(self) -> None:
+        """Make every snapshot offered so far durable (a no-op for a memory-only cache)."""
+        return None
+
+    def close(self) -> None:
+        """Flush, then release files and threads; the engine has stopped."""
+        return None
 
 
 class NoCache(PrefixCache):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cache_backend.errors import InvalidRequest
+from cache_backend.prompt import RenderedPrompt
 from cache_backend.validate import (
     ImageBlock,
     MessagesRequest,
@@ -110,36 +111,6 @@ def json_instruction(schema: dict[str, Any]) -> str:
     return "Respond with only a JSON value that conforms to this JSON Schema, and nothing else:\n" + json.dumps(
         schema, ensure_ascii=False
     )
-
-
-@dataclass(frozen=True)
-class RenderedPrompt:
-    """Token ids of a prompt plus the places a prefix cache may snapshot.
-
-    - `tokens[:prefix_end]` is system + tools (0 when the template puts nothing before the
-      first message that can be separated);
-    - `message_ends[i]` is the end of chat message i's segment (chat messages, after mapping:
-      a user turn with tool results becomes several);
-    - `tokens[generation_start:]` is the generation prompt (plus an assistant prefill, if any).
-    `segmented` is False when the template is not append-only for this conversation and the
-    prompt had to be tokenized in one piece (then only `generation_start` is meaningful).
-    """
-
-    tokens: list[int]
-    prefix_end: int
-    message_ends: tuple[int, ...]
-    generation_start: int
-    segmented: bool = True
-    placeholders: int = 0
-
-    @property
-    def boundaries(self) -> tuple[int, ...]:
-        """Sorted distinct snapshot positions strictly inside (0, len(tokens)]."""
-        pts = {self.prefix_end, *self.message_ends, self.generation_start, len(self.tokens)}
-        return tuple(sorted(p for p in pts if 0 < p <= len(self.tokens)))
-
-    def __len__(self) -> int:
-        return len(self.tokens)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from cache_backend.kv_disk import DiskTier, model_fingerprint
 from cache_backend.kv_snapshots import SnapshotStore
 from cache_backend.prefix_cache import PrefixCache, Restored, SaveKind
-from cache_backend.render import RenderedPrompt
+from cache_backend.prompt import RenderedPrompt
 
 log = logging.getLogger("ccwarm.snapshot_cache")
 
@@ -40,7 +40,7 @@ class SnapshotCache(PrefixCache):
                 break
             layers = self.store.restore(hit)
             if layers is not None:
-                return Restored(cache=layers, n_restored=hit.length, resumed=hit.snapshot.conversation == "partial")
+                return Restored(cache=layers, n_restored=hit.length, resumed=hit.snapshot.kind == "partial")
         return Restored(cache=make_prompt_cache(model), n_restored=0)
 
     def checkpoints(self, prompt: RenderedPrompt, n_restored: int) -> Sequence[int]:
@@ -51,7 +51,11 @@ class SnapshotCache(PrefixCache):
 
     def save(self, tokens: Sequence[int], cache: list[Any], kind: SaveKind) -> None:
         protected = self._prefix_end if 0 < self._prefix_end <= len(tokens) else 0
-        self.store.put(tokens, cache, conversation=kind, protected=protected)
+        self.store.put(tokens, cache, kind=kind, protected=protected)
+
+    @property
+    def disk_dir(self) -> Path | None:
+        return self.store.disk.dir if self.store.disk is not None else None
 
     def flush(self) -> None:
         if self.store.disk is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started
-from cache_backend.render import RenderedPrompt
+from cache_backend.prompt import RenderedPrompt
 from ccwarm.harness import REPO
 
 

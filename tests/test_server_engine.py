@@ -12,7 +12,8 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from cache_backend.detok import IncrementalDetokenizer
 from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started
 from cache_backend.prefix_cache import NoCache, Restored
-from cache_backend.render import RenderedPrompt, Renderer
+from cache_backend.prompt import RenderedPrompt
+from cache_backend.render import Renderer
 from cache_backend.validate import parse_messages_request
 
 pytestmark = pytest.mark.timeout(120)
