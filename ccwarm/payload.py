@@ -189,15 +189,31 @@ class RequestIdentity:
         return key
 
 
-def identify(body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> RequestIdentity:
-    """Session, agent and kind of a parsed /v1/messages body (headers are matched case-insensitively)."""
+def identify(
+    body: Mapping[str, Any],
+    headers: Mapping[str, str] | None = None,
+    *,
+    dropped: Iterable[Mapping[str, Any] | str] = (),
+) -> RequestIdentity:
+    """Session, agent and kind of a parsed /v1/messages body (headers are matched case-insensitively).
+
+    `dropped` holds what a proxy removed from the body before (normalize's `{"where", "reason",
+    "text"}` records, see `ccwarm.flowmeta`, or plain texts): a removed `cc_is_subagent=true`
+    billing block still makes the request a sub-agent's, so that a normalized sub-agent without
+    an agent-id header is not mixed into the main conversation.
+    """
+    billing = billing_header_of(body.get("system"))
+    for d in dropped if billing is None else ():
+        text = d if isinstance(d, str) else d.get("text")
+        billing = parse_billing_header(text) if isinstance(text, str) else None
+        if billing is not None:
+            break
     session = _header(headers, (SESSION_HEADER,))
     if session is None:
         metadata = body.get("metadata")
         if isinstance(metadata, Mapping):
             session = session_id_from_user_id(metadata.get("user_id"))
     agent = _header(headers, AGENT_HEADERS)
-    billing = billing_header_of(body.get("system"))
     if is_side_request(body):
         kind = RequestKind.SIDE
     elif agent or (billing is not None and billing.is_subagent):

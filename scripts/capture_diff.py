@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccwarm import payload, stability
+from ccwarm import flowmeta, payload, stability
 
 TOOL = "ccwarm capture_diff"
 
@@ -129,7 +129,7 @@ def read_flows(path: Path, state: ReadState) -> Iterator[Captured]:
                 except ValueError as e:
                     state.skipped.append({"source": f"flow {f.id}", "reason": f"cannot decode body: {e}"})
                     continue
-                dropped = (f.metadata.get("ccwarm.normalize") or {}).get("dropped") or []
+                dropped = flowmeta.dropped(f.metadata)
                 yield Captured(f"flow {f.id}", raw, dict(req.headers.items()), f.id, req.timestamp_start, list(dropped))
         except exceptions.FlowReadException as e:
             state.error = f"{path}: flow file is broken or truncated after {n} flow(s): {e}"

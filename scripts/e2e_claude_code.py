@@ -58,7 +58,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from ccwarm import payload
+from ccwarm import flowmeta, payload
 from ccwarm.claude_cli import CliInstallError, cli_version
 from ccwarm.claude_cli import ensure_cli as _ensure_cli
 from ccwarm.harness import REPO, RecordingUpstream, mitmdump
@@ -684,12 +684,9 @@ def analyse(stack: Stack, model_dir: Path | None) -> tuple[list[RequestRecord], 
         except ValueError:
             body = {}
         headers = {k.lower(): v for k, v in req.headers.items()}
-        ident = payload.identify(body, headers)
-        dropped = (fl.metadata.get("ccwarm.normalize") or {}).get("dropped") or []
+        dropped = flowmeta.dropped(fl.metadata)
+        ident = payload.identify(body, headers, dropped=dropped)
         kind = str(ident.kind)
-        billing = [payload.parse_billing_header(d.get("text") or "") for d in dropped]
-        if kind == "main" and any(b is not None and b.is_subagent for b in billing):
-            kind = "subagent"  # normalize took the `cc_is_subagent=true` block out of the body
         kind = payload.purpose(body) if payload.purpose(body) in ("classifier", "compaction") else kind
         sid = ident.session_id or "?"
         sessions.setdefault(sid, chr(ord("A") + len(sessions)))
@@ -721,14 +718,14 @@ def analyse(stack: Stack, model_dir: Path | None) -> tuple[list[RequestRecord], 
         # Stability verdict: the addon's, else our own diff with the same module.
         is_count = "count_tokens" in req.path
         obs = tracker.observe(body, headers, label=str(rec.n)) if body and not is_count else None
-        meta = fl.metadata.get("ccwarm.stability")
+        meta = fl.metadata.get(flowmeta.STABILITY_KEY)
         if meta:
             rec.verdict, rec.first_break_block = _verdict_of(meta)
             rec.verdict_source = "stability addon"
         elif obs is not None:
             rec.verdict = obs.summary_line()
             rec.first_break_block = _block_of(obs.diff) if obs.diff else None
-            rec.verdict_source = "ccwarm.stability"
+            rec.verdict_source = flowmeta.STABILITY_KEY
         if kind == "main" and body and not is_count:
             if rec.session not in last_main:
                 earlier = [s for s in last_main if s != rec.session]

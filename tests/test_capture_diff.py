@@ -12,6 +12,7 @@ import httpx
 import pytest
 from mitmproxy import io
 
+from ccwarm import flowmeta
 from ccwarm.harness import REPO, RecordingUpstream, mitmdump
 from ccwarm.synthetic import Request, SessionGenerator, SessionSpec
 
@@ -82,8 +83,8 @@ def test_live_addon_flags_and_saves_the_breaks(capture) -> None:
     assert [f.marked for f in marked] == [":warning:"] * 3
     for f in marked:
         assert "prefix break at" in f.comment and f.comment.startswith("dropped system[0]: billing header")
-        assert f.metadata["ccwarm.stability"]["prefix_breaks"]
-        assert f.metadata["ccwarm.stability"]["normalize_dropped"][0]["where"] == "system[0]"
+        assert f.metadata[flowmeta.STABILITY_KEY]["prefix_breaks"]
+        assert f.metadata[flowmeta.STABILITY_KEY]["normalize_dropped"][0]["where"] == "system[0]"
 
 
 def test_json_report_of_the_capture(capture) -> None:

@@ -434,3 +434,23 @@ def test_redactor_keeps_ordinary_words() -> None:
         red.text("Bearer tokens: tok_abcdef123 and s3cr3tvalue, theme darkmode")
         == "Bearer tokens: [REDACTED] and [REDACTED], theme [REDACTED]"
     )
+
+
+def test_the_outline_of_a_normalized_subagent_request_names_its_kind() -> None:
+    """normalize removed the `cc_is_subagent=true` billing block and no agent-id header came: the
+    content view must still say sub-agent, as the tracker's conversation key does."""
+    body = {
+        "model": "claude-x",
+        "max_tokens": 5,
+        "system": [{"type": "text", "text": "You are a search agent."}],
+        "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "find it"}],
+        "metadata": {"user_id": "user_abc_account__session_11111111-2222-3333-4444-555555555555"},
+    }
+    billing = "x-anthropic-billing-header: cc_version=2.1.332.a1b; cc_entrypoint=cli; cc_is_subagent=true; cch=9f3c1;"
+    dropped = [{"where": "system[0]", "reason": "billing header", "text": billing}]
+    outline = stability.describe_request(body, dropped=dropped)
+    assert "(subagent" in outline, outline
+    tracker = stability.StabilityTracker()
+    assert tracker.observe(body, dropped=dropped).identity.kind == payload.RequestKind.SUBAGENT
+    assert "(main" in stability.describe_request(body)

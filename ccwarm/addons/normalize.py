@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 from mitmproxy import ctx, exceptions, http
 
-from ccwarm import payload
+from ccwarm import flowmeta, payload
 
 FIRST_PARTY_HOST = "api.anthropic.com"
-METADATA_KEY = "ccwarm.normalize"
+METADATA_KEY = flowmeta.NORMALIZE_KEY
 
 
 class Normalize:

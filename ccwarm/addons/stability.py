@@ -48,10 +48,9 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.hooks import UpdateHook
 from mitmproxy.utils import emoji
 
-from ccwarm import jsonsafe, payload, stability
+from ccwarm import flowmeta, jsonsafe, payload, stability
 
-METADATA_KEY = "ccwarm.stability"
-NORMALIZE_KEY = "ccwarm.normalize"
+METADATA_KEY = flowmeta.STABILITY_KEY
 AFTER_RESPONSE_S = 0.005  # after a fast exchange, let the client take the reply before diffing
 
 
@@ -71,7 +70,7 @@ class ClaudeCodeRequestView(contentviews.Contentview):
             raise ValueError("not a JSON object")
         flow = metadata.flow
         flow_meta = flow.metadata if flow is not None else {}
-        dropped = (flow_meta.get(NORMALIZE_KEY) or {}).get("dropped") or []
+        dropped = flowmeta.dropped(flow_meta)
         msg = metadata.http_message
         headers = dict(msg.headers.items()) if msg is not None else None
         return stability.describe_request(
@@ -196,8 +195,8 @@ class Stability:
         headers = {k.decode("latin-1").lower(): v.decode("utf-8", "surrogateescape") for k, v in req.headers.fields}
         for name in [n for n in headers if stability.is_secret_header(n)]:
             del headers[name]
-        dropped = (flow.metadata.get(NORMALIZE_KEY) or {}).get("dropped") or []
-        entry = _Pending(flow, _Job(flow.id, raw, headers, [dict(d) for d in dropped], time.perf_counter()))
+        dropped = flowmeta.dropped(flow.metadata)
+        entry = _Pending(flow, _Job(flow.id, raw, headers, dropped, time.perf_counter()))
         self._pending[flow.id] = entry
         self._queue.append(entry)
         try:

@@ -42,7 +42,7 @@ from ccwarm.stability.compare import compare
 from ccwarm.stability.outline import describe_request
 from ccwarm.stability.render import message_len, render_block, render_message, render_tool, short_hash
 from ccwarm.stability.report import summary_markdown, write_summary
-from ccwarm.stability.tracker import SCHEMA_VERSION, ConversationStats, Observation, StabilityTracker, identify
+from ccwarm.stability.tracker import SCHEMA_VERSION, ConversationStats, Observation, StabilityTracker
 
 __all__ = [
     "GROWTH",
@@ -62,7 +62,6 @@ __all__ = [
     "describe_request",
     "excerpt",
     "first_difference",
-    "identify",
     "is_secret_header",
     "message_len",
     "render_block",

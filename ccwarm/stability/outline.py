@@ -81,7 +81,7 @@ def describe_request(
     result: Mapping[str, Any] | None = None,
 ) -> str:
     """Plain-text outline of a /v1/messages body: system blocks, tools, messages, and the stability result."""
-    ident = payload.identify(body, headers)
+    ident = payload.identify(body, headers, dropped=dropped)
     lines: list[str] = []
     head = [f"model {body.get('model')}"]
     if body.get("stream"):

@@ -3,7 +3,6 @@ count what broke the prefix. `StabilityTracker` is what the addon and capture_di
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -19,33 +18,6 @@ from ccwarm.stability.compare import Comparer, Layout
 from ccwarm.stability.report import summary_markdown, write_summary
 
 SCHEMA_VERSION = 1
-
-
-def identify(
-    body: Mapping[str, Any],
-    headers: Mapping[str, str] | None = None,
-    *,
-    dropped: Iterable[Mapping[str, Any] | str] = (),
-) -> payload.RequestIdentity:
-    """`payload.identify`, also for a body whose billing block a proxy removed.
-
-    `dropped` holds what normalize removed (its `{"where", "reason", "text"}` records or texts): a
-    removed `cc_is_subagent=true` billing block still makes the request a sub-agent's, so that a
-    normalized sub-agent without an agent-id header is not mixed into the main conversation.
-    """
-    ident = payload.identify(body, headers)
-    if ident.billing is not None:
-        return ident
-    for d in dropped:
-        text = d if isinstance(d, str) else d.get("text")
-        billing = payload.parse_billing_header(text) if isinstance(text, str) else None
-        if billing is None:
-            continue
-        kind = ident.kind
-        if kind is payload.RequestKind.MAIN and billing.is_subagent:
-            kind = payload.RequestKind.SUBAGENT
-        return dataclasses.replace(ident, kind=kind, billing=billing)
-    return ident
 
 
 @dataclass
@@ -157,11 +129,11 @@ class StabilityTracker:
     ) -> Observation:
         """Compare `body` with the previous request of its conversation and count what changed.
 
-        `dropped`: what a proxy removed from the body before (see `identify`). `extra` is merged into
+        `dropped`: what a proxy removed from the body before (see `payload.identify`). `extra` is merged into
         the kept history record (`keep_history=True`), e.g. a request's source.
         """
         started = time.perf_counter()
-        ident = identify(body, headers, dropped=dropped)
+        ident = payload.identify(body, headers, dropped=dropped)
         key = ident.conversation_key
         with self._lock:
             prev = self._previous.pop(key, None)
