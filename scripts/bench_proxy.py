@@ -44,6 +44,21 @@ def first_sse_byte(client: httpx.Client, body: bytes, headers: dict[str, str]) -
         return first or 0.0, time.perf_counter() - start
 
 
+def compare_timing(requests: list, rounds: int = 5) -> dict[str, float]:
+    """What the stability worker spends per request, off the request path: parse + compare."""
+    from ccwarm import stability
+
+    raws = [r.raw() for r in requests]
+    samples = []
+    for _ in range(rounds):
+        tracker = stability.StabilityTracker()
+        for r, raw in zip(requests, raws):
+            started = time.perf_counter()
+            tracker.observe(json.loads(raw), r.headers)
+            samples.append((time.perf_counter() - started) * 1000)
+    return {"request_kb": len(raws[0]) / 1024, "p50_ms": statistics.median(samples), "max_ms": max(samples)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=300, help="requests per variant")
@@ -119,6 +134,11 @@ def main() -> int:
         print(
             f"{name:<24}{p50:>9.2f}{p99:>9.2f}{added_s:>11}{statistics.median(firsts):>18.2f}{statistics.median(ends):>13.2f}"
         )
+    compare = compare_timing(SessionGenerator(SessionSpec(turns=10)).main_turns())
+    print(
+        f"\nstability parse + compare of a ~{compare['request_kb']:.0f} KB request, in process: "
+        f"p50 {compare['p50_ms']:.2f} ms, max {compare['max_ms']:.2f} ms"
+    )
     # Plain mitmdump buffers SSE (mitmproxy's default): it is the reference, not a failure.
     buffered = [n for n in urls if results[n]["sse_first_byte_p50_ms"] > args.hold * 1e3 * 0.8]
     ours = [n for n in buffered if n in variants and variants[n]]
@@ -137,6 +157,7 @@ def main() -> int:
                 "requests_per_variant": args.requests,
                 "hold_ms": args.hold * 1e3,
                 "variants": results,
+                "stability_compare": compare,
                 "sse_buffered": buffered,
                 "sse_buffered_by_addons": ours,
             },

@@ -87,12 +87,9 @@ def test_second_call_reuses(converted: tuple[Path, Path, float]) -> None:
     cache_dir, path, _ = converted
     weights = path / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    t0 = time.monotonic()
     again = ensure_default_model(cache_dir, progress=False)
-    elapsed = time.monotonic() - t0
     assert again == path
-    assert weights.stat().st_mtime_ns == before
-    assert elapsed < 1.0, elapsed
+    assert weights.stat().st_mtime_ns == before  # reused as it was, not converted again
 
 
 def test_quantized_variant_keeps_per_module_bits(tmp_path: Path) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -341,23 +339,17 @@ def test_describe_request_marks_blocks_dropped_by_normalize() -> None:
     assert "tools: 25 tools" in text and "messages: 3 (user 2, assistant 1)" in text
 
 
-# --- speed -------------------------------------------------------------------------------------
+# --- a realistic session (its speed is measured by scripts/bench_proxy.py) ----------------------
 
 
-def test_comparison_of_a_90kb_request_is_fast() -> None:
+def test_a_generated_90kb_session_grows_without_breaks() -> None:
     requests = SessionGenerator(SessionSpec(turns=10)).main_turns()
     raws = [r.raw() for r in requests]
     assert 85_000 < len(raws[0]) < 120_000
-    samples = []
-    for _ in range(5):
-        tracker = stability.StabilityTracker()
-        for r, raw in zip(requests, raws):
-            started = time.perf_counter()
-            tracker.observe(json.loads(raw), r.headers)
-            samples.append((time.perf_counter() - started) * 1000)
-    p50 = statistics.median(samples)
-    print(f"parse + compare of a ~100 KB request: p50 {p50:.2f} ms, max {max(samples):.2f} ms")
-    assert p50 < 4.0  # about 1 ms on a laptop core; generous for loaded CI machines
+    tracker = stability.StabilityTracker()
+    observations = [tracker.observe(json.loads(raw), r.headers) for r, raw in zip(requests, raws)]
+    # The generator rotates only the billing block: every later turn breaks there and only there.
+    assert all({c.block for c in o.diff.prefix_breaks} == {"system[0]"} for o in observations[1:])
 
 
 def test_normalized_subagent_without_agent_header_stays_apart() -> None:
