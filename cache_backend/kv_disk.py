@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import stat
 import struct
 import threading
@@ -32,6 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
+from cache_backend import files
 from cache_backend.kv_snapshots import Layers, Snapshot, tokens_held
 
 # 2: a checksum of tokens, metadata and tensors (snapshot_checksum); files of format 1 are removed.
@@ -221,7 +221,7 @@ class DiskTier:
         for entry in sorted(self.dir.iterdir(), key=_mtime):
             name = entry.name
             if name.startswith(".") and name.endswith(".tmp.safetensors"):
-                _remove(entry)  # a write that a crash interrupted: expected, not worth a warning
+                files.remove(entry, log)  # a write that a crash interrupted: expected, not worth a warning
                 continue
             if not name.endswith(".safetensors"):
                 continue  # token logs and anything else the folder holds
@@ -232,7 +232,7 @@ class DiskTier:
             except Exception as e:  # noqa: BLE001 - any unreadable entry is skipped, never a failed start
                 bad.append(f"{name} ({type(e).__name__}: {e})"[:200])
                 self.removed_bad += 1
-                _remove(entry)
+                files.remove(entry, log)
                 continue
             self.index[snap.id] = snap
         if bad:
@@ -264,7 +264,7 @@ class DiskTier:
     def _remove_bad(self, path: Path, why: str) -> None:
         log.warning(f"kv cache: removing unusable snapshot file {path.name}: {why}")
         self.removed_bad += 1
-        _remove(path)
+        files.remove(path, log)
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -410,14 +410,3 @@ def _mtime(path: Path) -> float:
         return path.lstat().st_mtime
     except OSError:
         return 0.0
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, a symlink (not its target) or a directory; a failure is logged, not raised."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    except OSError as e:
-        log.warning(f"kv cache: could not remove {path}: {e}")

@@ -22,9 +22,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import zlib
 from pathlib import Path
+
+from cache_backend import files
 
 log = logging.getLogger("cache_backend.token_log")
 
@@ -67,7 +68,7 @@ class TokenLog:
             return []
         except OSError as e:
             log.warning(f"{self.path.name}: unusable ({e}); removing it, its tokens will be computed again")
-            _remove(self.path)
+            files.remove(self.path, log)
             return []
         entries: dict[str, list[int]] = {}
         bad: list[str] = []
@@ -140,13 +141,3 @@ def _parse_line(line: bytes) -> tuple[str, list[int]]:
     if crc != _checksum(key, tokens):
         raise ValueError("checksum mismatch")
     return key, tokens
-
-
-def _remove(path: Path) -> None:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    except OSError as e:
-        log.warning(f"{path.name}: could not remove it ({e})")

@@ -56,8 +56,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from tqdm import tqdm
 
+from cache_backend.kv_snapshots import common_prefix_len
 from ccwarm import flowmeta, payload
 from ccwarm.claude_cli import CliInstallError, cli_version
 from ccwarm.claude_cli import ensure_cli as _ensure_cli
@@ -603,20 +605,6 @@ class PromptRenderer:
         return self.renderer.render(parse_messages_request(body))
 
 
-def _lcp(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def ideal_restorable(rendered: list[Any]) -> list[int | None]:
     """Per request: tokens a cache holding every earlier prompt and its reply could restore.
 
@@ -632,7 +620,7 @@ def ideal_restorable(rendered: list[Any]) -> list[int | None]:
         for prev in rendered[:i]:
             if prev is None:
                 continue
-            n = _lcp(rp.tokens, prev.tokens)
+            n = common_prefix_len(np.asarray(rp.tokens), np.asarray(prev.tokens))
             if n == len(prev.tokens) and n < len(rp.tokens):
                 after = [e for e in rp.message_ends if e > n]
                 n = min(after) if after else n

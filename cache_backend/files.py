@@ -1,0 +1,19 @@
+"""File chores shared by the disk tier and the token logs."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+
+def remove(path: Path, log: logging.Logger) -> None:
+    """Remove a file, a symlink (not its target) or a directory; a failure is logged, not raised:
+    a cache entry that cannot be removed must not stop the server."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning(f"could not remove {path}: {e}")
