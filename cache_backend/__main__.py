@@ -14,9 +14,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cache_backend.files import default_cache_dir
+
 log = logging.getLogger("cache_backend")
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("CCWARM_CACHE_DIR", "~/.cache/ccwarm")).expanduser()
+DEFAULT_CACHE_DIR = default_cache_dir()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
+from cache_backend.files import default_cache_dir
+
 OPT_OUT_ENV = "CCWARM_FAST_BLAS"
 MARKER_ENV = "CCWARM_BLAS_PRELOADED"
 PACKAGE = "ngsolve-openblas"  # import name ngsolve_openblas; do not import it (it dlopens the lib)
@@ -94,7 +96,7 @@ def _packaged_openblas() -> Path | None:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("CCWARM_CACHE_DIR", "~/.cache/ccwarm")).expanduser()
+    return default_cache_dir()
 
 
 def _bundled_gfortran() -> Path | None:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """Where the server keeps its model, snapshots and helper libraries: `$CCWARM_CACHE_DIR`, or
+    `~/.cache/ccwarm`."""
+    return Path(os.environ.get("CCWARM_CACHE_DIR", "~/.cache/ccwarm")).expanduser()
 
 
 def remove(path: Path, log: logging.Logger) -> None:

@@ -223,6 +223,13 @@ def identify(
     return RequestIdentity(session_id=session, agent_id=agent, kind=kind, billing=billing)
 
 
+def body_encoding(headers: Mapping[str, str]) -> str | None:
+    """The request body's content-encoding when it has one (gzip, br, ...); None for a plain body,
+    which is the only kind the addons read or change."""
+    encoding = (headers.get("content-encoding") or "identity").strip().lower()
+    return None if encoding in ("", "identity") else encoding
+
+
 def is_messages_path(path: str) -> bool:
     """`/v1/messages` or `/v1/messages/count_tokens`, with or without a query string."""
     return path.split("?", 1)[0].rstrip("/") in MESSAGES_PATHS

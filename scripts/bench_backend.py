@@ -25,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started
+from cache_backend.files import default_cache_dir
 from cache_backend.prompt import RenderedPrompt
 from ccwarm.harness import REPO
 
@@ -102,9 +103,7 @@ def main() -> int:
         help="default-model sizes for --attention mlx (its CPU attention makes 20k take an hour)",
     )
     ap.add_argument("--decode", type=int, default=32, help="tokens to decode per request")
-    ap.add_argument(
-        "--cache-dir", type=Path, default=Path(os.environ.get("CCWARM_CACHE_DIR", "~/.cache/ccwarm")).expanduser()
-    )
+    ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     ap.add_argument("--json", type=Path, default=REPO / "artifacts" / "bench_backend.json")
     args = ap.parse_args()
     from cache_backend.fast_blas import blas_in_use, matmul_gflops, reexec_with_fast_blas

@@ -78,8 +78,8 @@ class Normalize:
         if ctx.options.normalize_keep_first_party and req.pretty_host == FIRST_PARTY_HOST:
             logging.debug(f"normalize: {FIRST_PARTY_HOST} request left as sent")
             return
-        encoding = req.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
+        encoding = payload.body_encoding(req.headers)
+        if encoding is not None:
             logging.warning(f"normalize: {req.path}: body has content-encoding {encoding!r}; forwarded untouched")
             return
         try:

@@ -183,8 +183,8 @@ class Stability:
         req = flow.request
         if not is_diffed_request(req):
             return
-        encoding = req.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
+        encoding = payload.body_encoding(req.headers)
+        if encoding is not None:
             logging.debug(f"stability: {req.path}: content-encoding {encoding!r}, not diffed")
             return
         raw = req.raw_content
@@ -246,11 +246,7 @@ class Stability:
                 e.timer.cancel()
             # Diff the body as it left: by now the request went upstream, after every addon's hook.
             final = e.flow.request.raw_content
-            if (
-                final
-                and final is not e.job.raw
-                and e.flow.request.headers.get("content-encoding", "identity").strip().lower() in ("", "identity")
-            ):
+            if final and final is not e.job.raw and payload.body_encoding(e.flow.request.headers) is None:
                 e.job.raw = final
             try:
                 self._executor.submit(self._run, e)
