@@ -35,8 +35,8 @@ import httpx
 from tqdm import tqdm
 
 from cache_backend.render import tool_call_markup
-from ccwarm.harness import REPO, mitmdump
-from ccwarm.server_proc import companion_server
+from ccwarm.harness import REPO
+from ccwarm.stack import proxy_chain
 from ccwarm.synthetic import SessionGenerator, SessionSpec, text_of_size
 
 
@@ -303,16 +303,12 @@ def main() -> int:
             "--test-forced-replies",
             str(script),
         )
+        options = (f"normalize={'true' if normalize else 'false'}", "termlog_verbosity=warn")
         with (
-            companion_server(*args, log=log) as server,
-            mitmdump(
-                server.port,
-                "addons/normalize.py",
-                options=(f"normalize={'true' if normalize else 'false'}", "termlog_verbosity=warn"),
-            ) as (port, _),
-            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=3600) as client,
+            proxy_chain(args, server_log=log, proxy_options=options) as chain_,
+            httpx.Client(base_url=chain_.proxy_url, timeout=3600) as client,
         ):
-            yield client, server.url
+            yield client, chain_.server.url
 
     for variant, normalize in (("normalized", True), ("not normalized", False)):
         cache_dir = work / f"cache-{'on' if normalize else 'off'}"

@@ -21,9 +21,9 @@ sampled (tool calls as the Hermes markup the server parses into `tool_use` block
 
 The same run is done twice: normalize on, and normalize off (`--set normalize=false`), each with
 a fresh server and cache. Per request it reports the kind (main, subagent, side), prompt tokens,
-tokens restored from the prefix cache, tokens prefilled, TTFT (from the server's
-`request <id> prompt=... restored=...` log lines, paired with mitmdump's flow file through the
-`request-id` response header), the ideal prefill (a cache that kept every earlier prompt and reply:
+tokens restored from the prefix cache, tokens prefilled, TTFT (from the server's structured
+records at `GET /v1/cache/requests`, paired with mitmdump's flow file through the `request-id`
+response header), the ideal prefill (a cache that kept every earlier prompt and reply:
 computed by rendering each forwarded body with the server's own renderer) and the stability
 verdict (the stability addon's diff on the flow, or one computed here; for the first request of a
 new session, a diff against the previous session's last main request).
@@ -63,8 +63,8 @@ from cache_backend.kv_snapshots import common_prefix_len
 from ccwarm import flowmeta, payload
 from ccwarm.claude_cli import CliInstallError, cli_version
 from ccwarm.claude_cli import ensure_cli as _ensure_cli
-from ccwarm.harness import REPO, RecordingUpstream, mitmdump
-from ccwarm.server_proc import companion_server
+from ccwarm.harness import REPO, RecordingUpstream
+from ccwarm.stack import proxy_chain
 
 CLI_MODEL = "claude-opus-5-5"  # the current CLI's default; auto mode refuses retired models
 DEFAULT_JSON = REPO / "artifacts" / "e2e_claude_code.json"
@@ -465,16 +465,13 @@ def chain(
     options = [f"save_stream_file={flows}", f"normalize={'true' if normalize else 'false'}"]
     if stability:
         options.append("stability_wait_ms=500")  # flags on the flow before -w saves it
-    with (
-        companion_server(*args, log=server_log) as server,
-        mitmdump(server.port, *scripts, options=tuple(options), log=mitm_log) as (port, _),
-    ):
-        stack = Stack(port, server.url, server_log, mitm_log, flows, normalize, stability)
+    with proxy_chain(args, server_log=server_log, addons=scripts, proxy_options=options, proxy_log=mitm_log) as chain:
+        stack = Stack(chain.proxy_port, chain.server.url, server_log, mitm_log, flows, normalize, stability)
         try:
             yield stack
         finally:
             with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                stack.figures = request_figures(server.url)
+                stack.figures = request_figures(chain.server.url)
 
 
 # --- analysis ------------------------------------------------------------------------------------

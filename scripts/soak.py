@@ -39,8 +39,8 @@ import httpx
 from bench_cache import Replay, stream_request  # a sibling: scripts/ is on sys.path when run
 from tqdm import tqdm
 
-from ccwarm.harness import REPO, mitmdump
-from ccwarm.server_proc import companion_server
+from ccwarm.harness import REPO
+from ccwarm.stack import proxy_chain
 from ccwarm.synthetic import SessionSpec
 from ccwarm.synthetic_current import CurrentSession, CurrentSpec
 
@@ -322,11 +322,9 @@ def main() -> int:
         f"{work}",
         flush=True,
     )
-    with (
-        companion_server(*server_args, log=work / "server.log") as server,
-        mitmdump(server.port, "addons/normalize.py", options=("termlog_verbosity=warn",)) as (port, _),
-    ):
-        soak = Soak(f"http://127.0.0.1:{port}", time.monotonic() + args.minutes * 60, args.main_turns)
+    with proxy_chain(server_args, server_log=work / "server.log") as chain:
+        server = chain.server
+        soak = Soak(chain.proxy_url, time.monotonic() + args.minutes * 60, args.main_turns)
         threads = [
             threading.Thread(target=soak.main_thread, args=(replay,), name="main"),
             threading.Thread(target=soak.subagent_thread, args=(Replay(replay.gen.spec, args.main_turns),), name="sub"),
