@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 
@@ -35,23 +38,19 @@ class ServerMetrics:
     RECENT = 512  # request records kept for /v1/cache/requests
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
         self._lock = threading.Lock()
         self.requests_total = 0
         self.prompt_tokens_total = 0
         self.prefill_tokens_total = 0
         self.cache_read_tokens_total = 0
         self.output_tokens_total = 0
-        self._requests = Counter("ccwarm_requests", "Finished /v1/messages requests", registry=self.registry)
-        self._prefill = Counter("ccwarm_prefill_tokens", "Prompt tokens prefilled", registry=self.registry)
-        self._cache_read = Counter(
-            "ccwarm_cache_read_tokens", "Prompt tokens restored from snapshots", registry=self.registry
-        )
-        self._output = Counter("ccwarm_output_tokens", "Tokens generated", registry=self.registry)
+        self._cache_stats: dict[str, Any] = {}
+        self.registry = CollectorRegistry()
+        # The totals above are the one count; Prometheus reads them at scrape time.
+        self.registry.register(_Totals(self))
         self._ttft = Histogram(
             "ccwarm_ttft_seconds", "Time to first token", buckets=TTFT_BUCKETS, registry=self.registry
         )
-        self._cache = Gauge("ccwarm_cache", "Prefix cache state", ["field"], registry=self.registry)
         self._recent: deque[RequestRecord] = deque(maxlen=self.RECENT)
 
     def record(self, rec: RequestRecord) -> None:
@@ -72,10 +71,6 @@ class ServerMetrics:
             self.prefill_tokens_total += prompt_tokens - restored
             self.cache_read_tokens_total += restored
             self.output_tokens_total += output_tokens
-        self._requests.inc()
-        self._prefill.inc(prompt_tokens - restored)
-        self._cache_read.inc(restored)
-        self._output.inc(output_tokens)
         if ttft_s is not None:
             self._ttft.observe(ttft_s)
 
@@ -91,7 +86,32 @@ class ServerMetrics:
         return {**out, **cache_stats}
 
     def prometheus(self, cache_stats: dict[str, Any]) -> bytes:
-        for key, value in cache_stats.items():
-            if isinstance(value, (int, float)):
-                self._cache.labels(field=key).set(value)
+        with self._lock:
+            self._cache_stats = {k: v for k, v in cache_stats.items() if isinstance(v, (int, float))}
         return generate_latest(self.registry)
+
+
+class _Totals(Collector):
+    """`ccwarm_*_total` counters and the `ccwarm_cache{field=...}` gauges, read from ServerMetrics."""
+
+    COUNTERS = (
+        ("requests", "requests_total", "Finished /v1/messages requests"),
+        ("prefill_tokens", "prefill_tokens_total", "Prompt tokens prefilled"),
+        ("cache_read_tokens", "cache_read_tokens_total", "Prompt tokens restored from snapshots"),
+        ("output_tokens", "output_tokens_total", "Tokens generated"),
+    )
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        with m._lock:
+            totals = {attr: getattr(m, attr) for _, attr, _ in self.COUNTERS}
+            cache = dict(m._cache_stats)
+        for name, attr, doc in self.COUNTERS:
+            yield CounterMetricFamily(f"ccwarm_{name}", doc, value=totals[attr])
+        gauge = GaugeMetricFamily("ccwarm_cache", "Prefix cache state", labels=["field"])
+        for key, value in sorted(cache.items()):
+            gauge.add_metric([key], value)
+        yield gauge

@@ -553,3 +553,18 @@ def test_tool_reference_to_a_missing_tool_is_a_400_naming_the_field() -> None:
         req([bare])
     with pytest.raises(InvalidRequest, match=r"tools\[1\]\.defer_loading: expected a boolean"):
         req([{"role": "user", "content": "x"}], tools=[*TOOLS, {**WEBFETCH, "defer_loading": "yes"}])
+
+
+def test_prometheus_reads_the_same_totals_as_the_json_stats() -> None:
+    from cache_backend.metrics import ServerMetrics
+
+    m = ServerMetrics()
+    m.observe(100, 60, 5, 0.3)
+    m.observe(10, 0, 2, None)
+    text = m.prometheus({"snapshots": 3, "describe": "not a number"}).decode()
+    stats = m.snapshot({})
+    assert f"ccwarm_requests_total {float(stats['requests_total'])}" in text
+    assert f"ccwarm_prefill_tokens_total {float(stats['prefill_tokens_total'])}" in text
+    assert "ccwarm_cache_read_tokens_total 60.0" in text and "ccwarm_output_tokens_total 7.0" in text
+    assert 'ccwarm_cache{field="snapshots"} 3.0' in text and "describe" not in text
+    assert "ccwarm_ttft_seconds_count 1.0" in text
