@@ -16,11 +16,11 @@ import pytest
 from cache_backend.default_model import (
     DEFAULT_MODEL_NAME,
     MARKER_NAME,
-    _unpermute_rows,
     default_model_metadata,
     ensure_default_model,
     find_default_model_wheel,
 )
+from cache_backend.gguf import unpermute_rows
 
 try:
     WHEEL = find_default_model_wheel()
@@ -111,7 +111,7 @@ def test_unpermute_inverts_gguf_permute() -> None:
     n_head, rows, cols = 3, 3 * 8, 5
     hf = mx.arange(rows * cols).reshape(rows, cols)
     gguf = hf.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-    assert mx.array_equal(_unpermute_rows(gguf, n_head), hf)
+    assert mx.array_equal(unpermute_rows(gguf, n_head), hf)
 
 
 def test_wheel_lookup_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

