@@ -65,6 +65,7 @@ from ccwarm.claude_cli import CliInstallError, cli_version
 from ccwarm.claude_cli import ensure_cli as _ensure_cli
 from ccwarm.harness import REPO, RecordingUpstream
 from ccwarm.stack import proxy_chain
+from ccwarm.testing.tmux import TerminalError, Tmux, ensure_tmux, wait_screen
 
 CLI_MODEL = "claude-opus-5-5"  # the current CLI's default; auto mode refuses retired models
 DEFAULT_JSON = REPO / "artifacts" / "e2e_claude_code.json"
@@ -909,110 +910,6 @@ def run_comparison(
 # --- interactive mode under tmux -----------------------------------------------------------------
 
 
-def ensure_tmux() -> str:
-    """tmux, installed with apt-get when missing and we are root; E2EError otherwise."""
-    found = shutil.which("tmux")
-    if found:
-        return found
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        print("e2e: installing tmux (apt-get install -y tmux) ...", flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "tmux"], env=env, capture_output=True, timeout=600)
-    found = shutil.which("tmux")
-    if not found:
-        raise E2EError("tmux is not installed and could not be installed (apt-get install -y tmux)")
-    return found
-
-
-class Tmux:
-    """A tmux server on a private socket (so nothing else's sessions are touched); killed on close."""
-
-    def __init__(self, name: str) -> None:
-        self.tmux = shutil.which("tmux")
-        if self.tmux is None:
-            raise E2EError("tmux is not installed (apt-get install -y tmux)")
-        self.dir = Path(tempfile.mkdtemp(prefix="ccwarm-tmux-"))  # short: socket paths are limited to ~100 bytes
-        self.socket = str(self.dir / "sock")
-        self.session = name
-        self.pane_pid: int | None = None
-
-    def _run(self, *args: str, check: bool = True) -> str:
-        proc = subprocess.run([self.tmux, "-S", self.socket, *args], capture_output=True, text=True, timeout=30)
-        if check and proc.returncode != 0:
-            raise E2EError(f"tmux {' '.join(args)}: {proc.stderr.strip()}")
-        return proc.stdout
-
-    def start(self, command: str, cwd: Path, width: int = 200, height: int = 50) -> None:
-        self._run(
-            "-f",
-            "/dev/null",
-            "new-session",
-            "-d",
-            "-s",
-            self.session,
-            "-x",
-            str(width),
-            "-y",
-            str(height),
-            "-c",
-            str(cwd),
-            command,
-        )
-        self._run("set-option", "-t", self.session, "remain-on-exit", "on", check=False)
-        self.pane_pid = int(self._run("display-message", "-p", "-t", self.session, "#{pane_pid}").strip())
-
-    def keys(self, *keys: str, literal: bool = False) -> None:
-        self._run("send-keys", "-t", self.session, *(["-l"] if literal else []), *keys)
-
-    def screen(self) -> str:
-        return self._run("capture-pane", "-p", "-J", "-t", self.session, check=False)
-
-    def close(self) -> None:
-        self._run("kill-server", check=False)
-        if self.pane_pid:  # the pane's process group (claude under its shell), if it survived SIGHUP
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pane_pid, signal.SIGKILL)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _wait_screen(tmux: Tmux, pattern: str, timeout: float, screens: list[str], answered: list[str]) -> str:
-    """Wait until `pattern` (regex) is on screen, answering the dialogs that come on the way."""
-    deadline = time.monotonic() + timeout
-    screen = ""
-    while time.monotonic() < deadline:
-        screen = tmux.screen()
-        if re.search(pattern, screen):
-            return screen
-        if "Pane is dead" in screen:
-            raise E2EError(f"interactive: claude exited while waiting for {pattern!r}; screen:\n{screen}")
-        if "Yes, I trust this folder" in screen:
-            screens.append(screen)
-            if not re.search(r"❯\s*(?:\d\.\s*)?Yes, I trust", screen):
-                tmux.keys("Down")  # the current CLI preselects "No, exit"; look again before Enter
-                time.sleep(0.5)
-                continue
-            tmux.keys("Enter")
-            answered.append("trust this folder: yes")
-            time.sleep(1.0)
-        elif "Do you want to use this API key?" in screen:
-            screens.append(screen)
-            if not re.search(r"❯\s*(?:1\.\s*)?Yes", screen):
-                tmux.keys("Up")  # "2. No (recommended)" is preselected; look again before Enter
-                time.sleep(0.5)
-                continue
-            tmux.keys("Enter")
-            answered.append("use this API key: yes")
-            time.sleep(1.0)
-        elif "Do you want to proceed?" in screen and re.search(r"❯\s*1\.\s*Yes", screen):
-            screens.append(screen)
-            tmux.keys("Enter")  # a tool permission prompt: "1. Yes" is preselected
-            answered.append("tool permission: yes")
-            time.sleep(1.0)
-        time.sleep(0.25)
-    raise E2EError(f"interactive: {pattern!r} did not appear within {timeout:.0f}s; screen:\n{screen}")
-
-
 UI_STEPS = (
     ("[[e2e-ui-1]] Say hello.", "E2E-UI-ANSWER-1"),
     ("[[e2e-ui-2]] Create a file and stage it.", "E2E-UI-ANSWER-2"),  # Bash calls that auto mode's
@@ -1067,19 +964,19 @@ def run_interactive(
         try:
             tmux.start(command, work)
             ready = r"\? for shortcuts|auto mode on"
-            _wait_screen(tmux, ready, timeout, screens, answered)
+            wait_screen(tmux, ready, timeout, screens, answered)
             for prompt, expect in UI_STEPS:
                 started = time.monotonic()
                 tmux.keys(prompt, literal=True)
                 time.sleep(0.3)
                 tmux.keys("Enter")
-                screen = _wait_screen(tmux, re.escape(expect), timeout, screens, answered)
+                screen = wait_screen(tmux, re.escape(expect), timeout, screens, answered)
                 screens.append(screen)
                 steps.append({"prompt": prompt, "expect": expect, "seconds": round(time.monotonic() - started, 2)})
             tmux.keys("C-c")
             time.sleep(0.3)
             tmux.keys("C-c")
-        except E2EError as e:
+        except (E2EError, TerminalError) as e:
             failure = str(e)
         finally:
             screens.append(tmux.screen())

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ccwarm.claude_cli import cli_version, ensure_cli
 from ccwarm.harness import REPO, free_port
+from ccwarm.testing.tmux import TerminalError, Tmux, wait_screen
 
 TURN_TIMEOUT = 1800.0
 DEFAULT_JSON = REPO / "artifacts" / "first_contact.json"
@@ -129,9 +130,7 @@ def turn(cli: Path, env: dict[str, str], work: Path, prompt: str, cont: bool) ->
 
 def interactive(cli: Path, env: dict[str, str], work: Path, prompt: str) -> dict[str, Any]:
     """The UI under tmux: answer the first-run dialogs, send one prompt, wait for the answer."""
-    import e2e_claude_code as e2e
-
-    tmux = e2e.Tmux("ccwarm-first-contact")
+    tmux = Tmux("ccwarm-first-contact")
     screens: list[str] = []
     answered: list[str] = []
     keep = ("HOME", "PATH", "LANG", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC")
@@ -141,13 +140,13 @@ def interactive(cli: Path, env: dict[str, str], work: Path, prompt: str) -> dict
     t0 = time.monotonic()
     try:
         tmux.start(f"env -i {env_args} TERM=xterm-256color {shlex.quote(str(cli))}", work)
-        e2e._wait_screen(tmux, r"\? for shortcuts|auto mode on", 300, screens, answered)
+        wait_screen(tmux, r"\? for shortcuts|auto mode on", 300, screens, answered)
         tmux.keys(prompt, literal=True)
         time.sleep(0.3)
         tmux.keys("Enter")
         started = time.monotonic()
         # Answered when the spinner line says how long it took ("✻ Cooked for 12s").
-        screen = e2e._wait_screen(tmux, r"✻ \w+ for \d", TURN_TIMEOUT, screens, answered)
+        screen = wait_screen(tmux, r"✻ \w+ for \d", TURN_TIMEOUT, screens, answered)
         return {
             "prompt": prompt,
             "seconds": round(time.monotonic() - started, 1),
@@ -155,7 +154,7 @@ def interactive(cli: Path, env: dict[str, str], work: Path, prompt: str) -> dict
             "screen": "\n".join(line for line in screen.splitlines() if line.strip())[-1500:],
             "wall_s": round(time.monotonic() - t0, 1),
         }
-    except e2e.E2EError as e:
+    except TerminalError as e:
         return {"prompt": prompt, "failure": str(e)[-1500:], "dialogs": answered}
     finally:
         tmux.close()
