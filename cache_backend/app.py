@@ -33,11 +33,12 @@ from cache_backend.errors import (
     RequestTooLarge,
     error_body,
 )
+from cache_backend.hermes import tool_call_markup
 from cache_backend.metrics import ServerMetrics
 from cache_backend.output import new_id
 from cache_backend.progress import ProgressBlock
 from cache_backend.prompt import RenderedPrompt
-from cache_backend.render import Renderer, tool_call_markup, tool_dict
+from cache_backend.render import Renderer, tool_dict
 from cache_backend.structured import opening_for
 from cache_backend.toolcalls import syntax_for
 from cache_backend.validate import MessagesRequest, parse_json_body, parse_messages_request

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cache_backend.errors import InvalidRequest
+from cache_backend.hermes import FALLBACK_TEMPLATE, tool_call_markup, tools_section
 from cache_backend.prompt import RenderedPrompt
 from cache_backend.validate import (
     ImageBlock,
@@ -44,29 +45,6 @@ IMAGE_PLACEHOLDER = "[{kind} omitted: this server cannot read {kind}s]"
 ERROR_PREFIX = "Error: "
 BLOCK_JOIN = "\n\n"
 
-# Used when a tokenizer has no chat template at all: ChatML with Hermes-style tools.
-FALLBACK_TEMPLATE = (
-    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages and messages[0]['role'] == 'system' %}"
-    "{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}{{- '# Tools\\n\\n<tools>' }}"
-    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
-    '{{- \'\\n</tools>\\n\\nTo call a function, reply with <tool_call>\\n{"name": <function-name>, '
-    '"arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}'
-    "{%- elif messages and messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}{%- if message.role == 'system' and loop.first %}"
-    "{%- elif message.role == 'tool' %}"
-    "{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}"
-    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if message.content %}{{- message.content }}{%- endif %}"
-    "{%- for tc in message.tool_calls or [] %}{%- set f = tc.function %}"
-    "{%- if message.content or not loop.first %}{{- '\\n' }}{%- endif %}"
-    '{{- \'<tool_call>\\n{"name": "\' + f.name + \'", "arguments": \' '
-    "+ (f.arguments | tojson) + '}\\n</tool_call>' }}"
-    "{%- endfor %}{{- '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
 
 def tool_dict(t: Tool) -> dict[str, Any]:
     """An Anthropic tool as the OpenAI/Hugging Face function dict chat templates expect."""
@@ -75,23 +53,6 @@ def tool_dict(t: Tool) -> dict[str, Any]:
         fn["description"] = t.description
     fn["parameters"] = t.input_schema
     return {"type": "function", "function": fn}
-
-
-def tool_call_markup(name: str, arguments: dict[str, Any]) -> str:
-    """Hermes-style markup for one call, with the JSON spacing the parser and templates use."""
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
-
-
-def tools_section(tools: list[dict[str, Any]]) -> str:
-    """Deterministic tools text for templates that cannot render tools themselves."""
-    lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return (
-        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-        f"{lines}\n</tools>\n\nFor each function call, return a json object with function name and "
-        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
-    )
 
 
 def tool_reference_text(tool: Tool) -> str:

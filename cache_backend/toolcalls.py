@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cache_backend import hermes
+
 log = logging.getLogger("cache_backend.toolcalls")
 
 
@@ -68,7 +70,7 @@ def parse_hermes(inner: str) -> list[ToolCall]:
     return [_normalize(json.loads(inner.strip()))]
 
 
-HERMES = ToolCallSyntax("<tool_call>", "</tool_call>", parse_hermes)
+HERMES = ToolCallSyntax(hermes.START, hermes.END, parse_hermes)
 
 
 def syntax_for(tokenizer: Any, tools: list[dict[str, Any]] | None) -> ToolCallSyntax:

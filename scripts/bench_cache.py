@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from cache_backend.render import tool_call_markup
+from cache_backend.hermes import tool_call_markup
 from ccwarm.harness import REPO
 from ccwarm.stack import proxy_chain
 from ccwarm.synthetic import SessionGenerator, SessionSpec, text_of_size

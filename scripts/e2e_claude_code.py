@@ -203,7 +203,7 @@ class ToolNames:
 
 
 def tool_call(name: str, args: dict[str, Any]) -> str:
-    from cache_backend.render import tool_call_markup
+    from cache_backend.hermes import tool_call_markup
 
     return tool_call_markup(name, args)
 

@@ -17,7 +17,7 @@ import anthropic
 import httpx
 import pytest
 
-from cache_backend.render import tool_call_markup
+from cache_backend.hermes import tool_call_markup
 from ccwarm.server_proc import ServerProcess
 from ccwarm.synthetic import SessionGenerator, SessionSpec
 

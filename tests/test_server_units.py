@@ -11,8 +11,9 @@ import pytest
 from server_helpers import build_tiny_model
 
 from cache_backend.errors import InvalidRequest
+from cache_backend.hermes import tool_call_markup
 from cache_backend.output import OutputAssembler, StopSequenceFilter
-from cache_backend.render import Renderer, tool_call_markup
+from cache_backend.render import Renderer
 from cache_backend.structured import JsonValueTracker, validate
 from cache_backend.toolcalls import HERMES, StreamingToolParser, TextPiece, ToolCall
 from cache_backend.validate import parse_messages_request
