@@ -37,7 +37,7 @@ from tqdm import tqdm
 from cache_backend.hermes import tool_call_markup
 from ccwarm.harness import REPO
 from ccwarm.stack import proxy_chain
-from ccwarm.synthetic import SessionGenerator, SessionSpec, text_of_size
+from ccwarm.testing.synthetic import SessionGenerator, SessionSpec, text_of_size
 
 
 @dataclass

@@ -24,8 +24,9 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from ccwarm.harness import REPO, RecordingUpstream, mitmdump
-from ccwarm.synthetic import SessionGenerator, SessionSpec
+from ccwarm.harness import REPO, mitmdump
+from ccwarm.testing.synthetic import SessionGenerator, SessionSpec
+from ccwarm.testing.upstream import RecordingUpstream
 
 
 def percentile(values: list[float], q: float) -> float:

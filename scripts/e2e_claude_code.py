@@ -61,10 +61,11 @@ from tqdm import tqdm
 from ccwarm import payload
 from ccwarm.claude_cli import CliInstallError, cli_version
 from ccwarm.claude_cli import ensure_cli as _ensure_cli
-from ccwarm.harness import REPO, RecordingUpstream
+from ccwarm.harness import REPO
 from ccwarm.stack import proxy_chain
 from ccwarm.testing.e2e_records import PromptRenderer, Stack, analyse, request_figures, totals
 from ccwarm.testing.tmux import TerminalError, Tmux, ensure_tmux, wait_screen
+from ccwarm.testing.upstream import RecordingUpstream
 
 CLI_MODEL = "claude-opus-5-5"  # the current CLI's default; auto mode refuses retired models
 DEFAULT_JSON = REPO / "artifacts" / "e2e_claude_code.json"

@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from ccwarm.harness import REPO
 from ccwarm.stack import proxy_chain
-from ccwarm.synthetic import SessionSpec
-from ccwarm.synthetic_current import CurrentSession, CurrentSpec
+from ccwarm.testing.synthetic import SessionSpec
+from ccwarm.testing.synthetic_current import CurrentSession, CurrentSpec
 
 
 @dataclass

@@ -13,8 +13,9 @@ import pytest
 from mitmproxy import io
 
 from ccwarm import flowmeta
-from ccwarm.harness import REPO, RecordingUpstream, mitmdump
-from ccwarm.synthetic import Request, SessionGenerator, SessionSpec
+from ccwarm.harness import REPO, mitmdump
+from ccwarm.testing.synthetic import Request, SessionGenerator, SessionSpec
+from ccwarm.testing.upstream import RecordingUpstream
 
 SCRIPT = str(REPO / "scripts" / "capture_diff.py")
 SECRET = "sk-ant-test-secret"

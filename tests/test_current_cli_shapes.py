@@ -21,7 +21,7 @@ from cache_backend.validate import parse_messages_request
 from ccwarm import payload
 from ccwarm.server_proc import ServerProcess
 from ccwarm.stability import compare
-from ccwarm.synthetic_current import CLASSIFIER_SYSTEM, CurrentSession, CurrentSpec
+from ccwarm.testing.synthetic_current import CLASSIFIER_SYSTEM, CurrentSession, CurrentSpec
 
 # A shorter classifier prompt than the measured 141 KB keeps the server test quick; the ratios are the same.
 SESSION = CurrentSession(CurrentSpec(seed=3, classifier_bytes=40_000)).session()

@@ -44,8 +44,8 @@ from ccwarm.addons.normalize import METADATA_KEY as NORMALIZE_KEY
 from ccwarm.addons.normalize import Normalize
 from ccwarm.addons.stability import Stability
 from ccwarm.server_proc import ServerProcess
-from ccwarm.synthetic import SessionGenerator, SessionSpec
-from ccwarm.synthetic_current import CurrentSession
+from ccwarm.testing.synthetic import SessionGenerator, SessionSpec
+from ccwarm.testing.synthetic_current import CurrentSession
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ccwarm.harness import REPO, RecordingUpstream, free_port, mitmproxy_process
-from ccwarm.synthetic import SessionGenerator, SessionSpec
+from ccwarm.harness import REPO, free_port, mitmproxy_process
+from ccwarm.testing.synthetic import SessionGenerator, SessionSpec
+from ccwarm.testing.upstream import RecordingUpstream
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACT = REPO / "artifacts" / "mitmweb.png"

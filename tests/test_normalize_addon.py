@@ -11,7 +11,7 @@ from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 
 from ccwarm.addons.normalize import METADATA_KEY, Normalize
-from ccwarm.synthetic import SessionGenerator, SessionSpec
+from ccwarm.testing.synthetic import SessionGenerator, SessionSpec
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;"
 

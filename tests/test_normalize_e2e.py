@@ -9,8 +9,9 @@ import anthropic
 import httpx
 import pytest
 
-from ccwarm.harness import RecordingUpstream, mitmdump
-from ccwarm.synthetic import SessionGenerator, SessionSpec
+from ccwarm.harness import mitmdump
+from ccwarm.testing.synthetic import SessionGenerator, SessionSpec
+from ccwarm.testing.upstream import RecordingUpstream
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.39.c39; cc_entrypoint=cli; cch=56445;"
 SYSTEM = [

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ccwarm import jsonedit, payload
-from ccwarm.synthetic import SessionGenerator, SessionSpec
+from ccwarm.testing.synthetic import SessionGenerator, SessionSpec
 
 BILLING_VARIANTS = [
     (

@@ -19,7 +19,7 @@ import pytest
 
 from cache_backend.hermes import tool_call_markup
 from ccwarm.server_proc import ServerProcess
-from ccwarm.synthetic import SessionGenerator, SessionSpec
+from ccwarm.testing.synthetic import SessionGenerator, SessionSpec
 
 GEN = SessionGenerator(SessionSpec(seed=11, tools=6, tools_json_bytes=4000, system_bytes=1500))
 SYSTEM = [b for b in GEN.system(None)[1:]]  # identity + instructions, as normalize leaves them

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import anthropic
 
-from ccwarm.harness import REPO, RecordingUpstream, free_port
-from ccwarm.synthetic import SessionGenerator, SessionSpec
+from ccwarm.harness import REPO, free_port
+from ccwarm.testing.synthetic import SessionGenerator, SessionSpec
+from ccwarm.testing.upstream import RecordingUpstream
 
 
 class Launcher:

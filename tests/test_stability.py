@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ccwarm import payload, stability
-from ccwarm.synthetic import SessionGenerator, SessionSpec
+from ccwarm.testing.synthetic import SessionGenerator, SessionSpec
 
 DATE_OLD, DATE_NEW = "2026-11-22", "2026-11-23"
 

@@ -16,7 +16,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from ccwarm.addons.normalize import Normalize
 from ccwarm.addons.stability import METADATA_KEY, ClaudeCodeRequestView, Stability
-from ccwarm.synthetic import Request, SessionGenerator, SessionSpec
+from ccwarm.testing.synthetic import Request, SessionGenerator, SessionSpec
 
 
 def make_flow(

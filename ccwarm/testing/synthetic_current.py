@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ccwarm.claude_cli import CLAUDE_CODE_VERSION
-from ccwarm.synthetic import Request, make_tool, text_of_size
+from ccwarm.testing.synthetic import Request, make_tool, text_of_size
 
 MAIN_TOOLS = (
     "Agent",
