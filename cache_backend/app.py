@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cache_backend import sse
-from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Progress, Started
+from cache_backend.engine import Engine
 from cache_backend.errors import (
     APIError,
     AuthenticationFailed,
@@ -34,6 +34,7 @@ from cache_backend.errors import (
     error_body,
 )
 from cache_backend.hermes import tool_call_markup
+from cache_backend.jobs import Failed, Finished, GenerationParams, Job, Progress, Started
 from cache_backend.metrics import ServerMetrics
 from cache_backend.output import new_id
 from cache_backend.progress import ProgressBlock

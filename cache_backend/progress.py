@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cache_backend.engine import Progress
+from cache_backend.jobs import Progress
 
 
 def _duration(seconds: float) -> str:

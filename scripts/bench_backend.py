@@ -24,8 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started
+from cache_backend.engine import Engine
 from cache_backend.files import default_cache_dir
+from cache_backend.jobs import Failed, Finished, GenerationParams, Job, Started
 from cache_backend.prompt import RenderedPrompt
 from ccwarm.harness import REPO
 

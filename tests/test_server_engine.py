@@ -10,7 +10,8 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from cache_backend.detok import IncrementalDetokenizer
-from cache_backend.engine import Engine, Failed, Finished, GenerationParams, Job, Started
+from cache_backend.engine import Engine
+from cache_backend.jobs import Failed, Finished, GenerationParams, Job, Started
 from cache_backend.prefix_cache import NoCache, Restored
 from cache_backend.prompt import RenderedPrompt
 from cache_backend.render import Renderer

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cache_backend.engine import GenerationParams
+from cache_backend.jobs import GenerationParams
 
 
 @dataclass(frozen=True)
