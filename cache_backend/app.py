@@ -40,9 +40,10 @@ from cache_backend.output import new_id
 from cache_backend.progress import ProgressBlock
 from cache_backend.prompt import RenderedPrompt
 from cache_backend.render import Renderer, tool_dict
+from cache_backend.request import MessagesRequest
 from cache_backend.structured import opening_for
 from cache_backend.toolcalls import syntax_for
-from cache_backend.validate import MessagesRequest, parse_json_body, parse_messages_request
+from cache_backend.validate import parse_json_body, parse_messages_request
 
 log = logging.getLogger("cache_backend.app")
 

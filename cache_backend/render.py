@@ -28,7 +28,7 @@ from typing import Any
 from cache_backend.errors import InvalidRequest
 from cache_backend.hermes import FALLBACK_TEMPLATE, tool_call_markup, tools_section
 from cache_backend.prompt import RenderedPrompt
-from cache_backend.validate import (
+from cache_backend.request import (
     ImageBlock,
     MessagesRequest,
     TextBlock,
