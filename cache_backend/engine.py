@@ -16,6 +16,12 @@ computed to the cache as a "partial" snapshot, and so does a long prefill every
 `checkpoint_seconds`; the client's retry, or the same prompt after a restart, restores it and
 prefills only the rest. The cache holds exactly the tokens fed, so the result is the same as an
 unbroken prefill.
+
+Why not mlx-lm's `generate_step` / `stream_generate`: they prefill in fixed steps with only a
+progress callback, so they cannot stop inside a prefill, keep what it computed, pause at the
+snapshot points the prefix cache asks for, or size steps to a time budget; and their decode loop
+has no place for forced tokens (a tool-call or JSON opening) or a wall-clock deadline. What fits
+is reused: `make_sampler` for sampling, the mlx-lm cache classes and their trim functions.
 """
 
 from __future__ import annotations
