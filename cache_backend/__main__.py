@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-seconds",
         type=float,
         default=30.0,
-        help="during a long prefill, keep what is done every this many seconds, so a crash loses at most that "
-        "(default: %(default)s)",
+        help="during a long prefill, keep what is done after this many seconds, then after twice as long, and "
+        "so on, so a crash loses about half of it at most (default: %(default)s)",
     )
     ap.add_argument(
         "--progress-after",
