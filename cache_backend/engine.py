@@ -14,8 +14,8 @@ with the ~30-token chunks a check per chunk needed). The prompt cache comes from
 Prefill is resumable: a prefill that is cancelled (client gone, server stopping) offers what it
 computed to the cache as a "partial" snapshot, and so does a long prefill after
 `checkpoint_seconds`, then after twice as long, and so on; the client's retry, or the same prompt
-after a restart, restores it and prefills only the rest. The cache holds exactly the tokens fed, so the result is the same as an
-unbroken prefill.
+after a restart, restores it and prefills only the rest. The cache holds exactly the tokens fed,
+so the result is the same as an unbroken prefill.
 
 Why not mlx-lm's `generate_step` / `stream_generate`: they prefill in fixed steps with only a
 progress callback, so they cannot stop inside a prefill, keep what it computed, pause at the
