@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-seconds",
         type=float,
         default=1.0,
-        help="target duration of one prefill step: a dropped client frees the worker within about this long "
-        "(default: %(default)s)",
+        help="target time between two looks for a dropped client during prefill (between steps, and on the CPU "
+        "also between layers): it frees the worker within about this long (default: %(default)s)",
     )
     ap.add_argument(
         "--checkpoint-seconds",

@@ -62,7 +62,7 @@ MODES = ("auto", "numpy", "mlx")
 _mlx_attention = base.scaled_dot_product_attention
 _NEG_INF = np.float32(-np.inf)
 _pool: ThreadPoolExecutor | None = None
-_before_layer: Callable[[], None] | None = None
+_hooks = threading.local()  # .before_layer: the check of the forward pass running on this thread
 _pool_lock = threading.Lock()
 
 
@@ -105,12 +105,6 @@ def _as_numpy(a: mx.array) -> np.ndarray:
     return np.asarray(memoryview(a))
 
 
-def routes(model: Any) -> bool:
-    """Whether ``model``'s attention goes through :func:`attention` (so :func:`between_layers` applies)."""
-    module = sys.modules.get(type(model).__module__)
-    return getattr(module, "scaled_dot_product_attention", None) is attention
-
-
 @contextlib.contextmanager
 def between_layers(check: Callable[[], None]) -> Iterator[None]:
     """Call ``check`` before each layer's attention while the block runs; it may raise to stop a
@@ -120,14 +114,17 @@ def between_layers(check: Callable[[], None]) -> Iterator[None]:
     a cancelled request only between chunks forced ~30-token chunks (to free the worker within a
     second), and those run at 40-45 tokens/s where 512-token ones run at 73. This module already
     evaluates every layer in turn, so a check there costs nothing. A pass stopped this way leaves
-    the layers before the stop one chunk ahead: the caller trims them back (see the engine).
+    the layers before the stop one chunk ahead: the caller trims them back (see the engine). The
+    check runs only where this module computes the attention (float32, see :func:`covers`): the
+    caller counts the calls to learn how often a pass really checks. Per thread: a forward pass
+    on another thread never runs this one's check.
     """
-    global _before_layer
-    previous, _before_layer = _before_layer, check
+    previous = getattr(_hooks, "before_layer", None)
+    _hooks.before_layer = check
     try:
         yield
     finally:
-        _before_layer = previous
+        _hooks.before_layer = previous
 
 
 def covers(queries: mx.array, cache: Any, mask: Any, sinks: Any) -> bool:
@@ -171,8 +168,9 @@ def attention(
     """``softmax(scale * q k^T + mask) v`` like mlx-lm's, computed in NumPy where it covers the call."""
     if not covers(queries, cache, mask, sinks):
         return _mlx_attention(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-    if _before_layer is not None:
-        _before_layer()
+    check = getattr(_hooks, "before_layer", None)
+    if check is not None:
+        check()
     queries = queries * scale
     mx.eval(queries, keys, values)
     q, k, v = _as_numpy(queries)[0], _as_numpy(keys)[0], _as_numpy(values)[0]

@@ -69,7 +69,9 @@ def _rewind(cache: list[Any], pos: int) -> bool:
     """Trim layers that a forward pass stopped between layers left ahead of ``pos``; False when a
     layer cannot be trimmed (then the cache is not a prefix of the prompt and must not be kept)."""
     for layer in cache:
-        extra = getattr(layer, "offset", pos) - pos
+        if not hasattr(layer, "offset"):
+            return False  # recurrent state (SSM layers): cannot tell whether it took the chunk
+        extra = layer.offset - pos
         if extra > 0:
             if not layer.is_trimmable():
                 return False
@@ -107,9 +109,9 @@ class Engine:
         self._current: Job | None = None
         self._stopping = threading.Event()
         self.resumed_prefills = 0  # requests that restored a partial prefill
-        # How often a forward pass looks for a cancel: once, or before every layer where the
-        # attention is cpu_attention's. Chunks may last that many times `chunk_seconds`.
-        self._checks_per_pass = len(getattr(model, "layers", ()) or ()) if cpu_attention.routes(model) else 1
+        # How often the last forward pass looked for a cancel (counted, not assumed: only where
+        # cpu_attention computed a layer's attention). A chunk may last that many chunk_seconds.
+        self._checks_per_pass = 1
 
     def start(self) -> None:
         self._thread.start()
@@ -255,6 +257,13 @@ class Engine:
         # at 12k tokens of the bundled model), so fixed 30 s saves took CPU from the prefill on 2
         # cores, while doubling still bounds what a crash loses to about half of the work done.
         interval = self.checkpoint_seconds
+        checks = [0]  # cancel checks made inside the current forward pass
+        in_pass = False
+
+        def check() -> None:
+            checks[0] += 1
+            self._check(job)
+
         try:
             while pos < last:
                 self._check(job)
@@ -264,9 +273,13 @@ class Engine:
                         end = p
                         break
                 t = time.monotonic()
-                with cpu_attention.between_layers(lambda: self._check(job)):
+                checks[0] = 0
+                in_pass = True
+                with cpu_attention.between_layers(check):
                     self.model(mx.array(tokens[pos:end])[None], cache=cache)
                     mx.eval([c.state for c in cache])
+                in_pass = False
+                self._checks_per_pass = max(1, checks[0])
                 now = time.monotonic()
                 rate = (end - pos) / (now - t) if now > t else 0.0
                 chunk = self._next_chunk(end - pos, now - t, chunk)
@@ -294,7 +307,9 @@ class Engine:
                     interval *= 2
             self._check(job)
         except Cancelled:
-            if pos > saved and _rewind(cache, pos):
+            # Stopped inside a pass, some layers hold the chunk and some do not: keep the prefix
+            # only when every layer can be trimmed back to `pos`.
+            if pos > saved and (not in_pass or _rewind(cache, pos)):
                 self.prefix_cache.save(tokens[:pos], cache, "partial")
                 log.info("request %s kept its partial prefill: %d of %d tokens", job.request_id, pos, total)
             raise

@@ -35,9 +35,11 @@ from cache_backend import files
 from cache_backend.kv_snapshots import Layers, Snapshot, tokens_held
 
 # 2: a checksum of tokens, metadata and tensors (snapshot_checksum); files of format 1 are removed.
-FORMAT = "ccwarm-kv/3"
+FORMAT = "ccwarm-kv/2"
 # The metadata fields covered by the checksum, besides the tokens.
-_CHECKED = ("format", "model", "kind", "protected", "trimmable")
+# "conversation" is the on-disk name of a snapshot's save kind (Snapshot.kind): kept, so that
+# caches written before the rename stay valid.
+_CHECKED = ("format", "model", "conversation", "protected", "trimmable")
 log = logging.getLogger("ccwarm.kv_disk")
 
 
@@ -254,7 +256,7 @@ class DiskTier:
             id=snap_id,
             tokens=tokens,
             layers=None,
-            kind=meta.get("kind", ""),
+            kind=meta.get("conversation", ""),
             protected=int(meta.get("protected", 0)),
             trimmable=meta.get("trimmable") == "1",
             nbytes=0,
@@ -356,7 +358,7 @@ class DiskTier:
         fields = {
             "format": FORMAT,
             "model": self.fingerprint,
-            "kind": snap.kind,
+            "conversation": snap.kind,
             "protected": str(snap.protected),
             "trimmable": "1" if snap.trimmable else "0",
         }

@@ -5,10 +5,6 @@ Usage: .venv/bin/python scripts/make_tiny_model.py DIR [--seed N] [--layers N] [
 Tests and benchmarks use it because the real model is far too slow on CPU for 20k-token prompts.
 """
 
-
-# Run as a plain script from a checkout: make the repo importable even if the editable install
-# is missing or stale.
-
 from cache_backend.testing.tiny_model import main
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def test_start_survives_damaged_and_unexpected_entries(
 
 
 def test_format_is_current() -> None:
-    assert FORMAT == "ccwarm-kv/3"  # /3: the save kind is stored as "kind"
+    assert FORMAT == "ccwarm-kv/2"
 
 
 def test_an_evicted_snapshot_stays_findable_until_its_file_is_written(

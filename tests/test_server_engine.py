@@ -227,3 +227,20 @@ def test_a_cancel_between_layers_keeps_a_consistent_prefix_and_resumes_exactly(l
     finally:
         engine.stop()
         cpu_attention.install(model, "mlx")
+
+
+def test_rewind_keeps_only_what_every_layer_can_give_back() -> None:
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    from cache_backend.engine import _rewind
+
+    def layer(n: int) -> KVCache:
+        c = KVCache()
+        c.update_and_fetch(mx.zeros((1, 2, n, 4)), mx.zeros((1, 2, n, 4)))
+        return c
+
+    ahead, behind = layer(96), layer(64)
+    assert _rewind([ahead, behind], 64) and ahead.offset == behind.offset == 64
+    # Recurrent (SSM) state has no offset: whether it took the chunk cannot be told, so no prefix.
+    assert not _rewind([layer(96), ArraysCache(size=2)], 64)
