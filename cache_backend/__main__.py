@@ -325,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         Server(
             uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
         ).run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises Ctrl-C once it has shut down; the shutdown hook already wrote the
+        # snapshots, so this is a normal stop, not a traceback.
+        return 130
     finally:
         shutdown()  # when uvicorn returns without a signal (e.g. the port was taken)
     return 0

@@ -122,6 +122,7 @@ def test_make_run_serves_claude_code_through_the_proxy(tiny_model_dir: Path, tmp
         run.proc.send_signal(signal.SIGINT)
         assert run.proc.wait(60) == 0, run.output[-3000:]
         assert not listening(proxy_port) and not listening(server_port)
+        assert "Traceback" not in run.output, run.output[-3000:]  # Ctrl-C is a normal stop
     finally:
         run.stop()
 
