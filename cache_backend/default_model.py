@@ -19,10 +19,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # imported lazily at run time: reading metadata must not need tokenizers
-    pass
+from typing import IO, Any
 
 from cache_backend.gguf import convert_gguf, read_gguf_metadata, write_json
 

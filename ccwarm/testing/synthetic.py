@@ -163,17 +163,7 @@ class SessionGenerator:
         ]
 
     def headers(self, agent_id: str | None = None) -> dict[str, str]:
-        h = {
-            "anthropic-version": "2023-06-01",
-            "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27",
-            "x-app": "cli",
-            "user-agent": f"claude-cli/{BILLING_VERSION} (external, cli)",
-            "X-Claude-Code-Session-Id": self.session_id,
-            "x-api-key": "sk-ant-test-secret",
-        }
-        if agent_id:
-            h["x-claude-code-agent-id"] = agent_id
-        return h
+        return cli_headers(self.session_id, f"claude-cli/{BILLING_VERSION} (external, cli)", BETAS, agent_id)
 
     def metadata(self) -> dict[str, str]:
         return {"user_id": json.dumps({"device_id": self.device_id, "account_uuid": "", "session_id": self.session_id})}
@@ -371,3 +361,21 @@ class SessionGenerator:
         sub = self.subagent_requests()
         middle = len(main) // 2
         return [main[0], side, *main[1:middle], *sub, *main[middle:]]
+
+
+BETAS = "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27"
+
+
+def cli_headers(session_id: str, user_agent: str, betas: str, agent_id: str | None = None) -> dict[str, str]:
+    """The headers Claude Code sends with a /v1/messages request (an agent id for sub-agents)."""
+    h = {
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": betas,
+        "x-app": "cli",
+        "user-agent": user_agent,
+        "X-Claude-Code-Session-Id": session_id,
+        "x-api-key": "sk-ant-test-secret",
+    }
+    if agent_id:
+        h["x-claude-code-agent-id"] = agent_id
+    return h

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ccwarm.claude_cli import CLAUDE_CODE_VERSION
-from ccwarm.testing.synthetic import Request, make_tool, text_of_size
+from ccwarm.testing.synthetic import BETAS, Request, cli_headers, make_tool, text_of_size
 
 MAIN_TOOLS = (
     "Agent",
@@ -151,18 +151,10 @@ class CurrentSession:
         return blocks + [{"type": "text", "text": instructions, "cache_control": eph}]
 
     def headers(self, agent_id: str | None = None) -> dict[str, str]:
-        h = {
-            "anthropic-version": "2023-06-01",
-            "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,"
-            "advanced-tool-use-2025-11-20,effort-2025-11-24",
-            "x-app": "cli",
-            "user-agent": f"claude-cli/{CLAUDE_CODE_VERSION} (external, {self.entrypoint})",
-            "X-Claude-Code-Session-Id": self.session_id,
-            "x-api-key": "sk-ant-test-secret",
-        }
-        if agent_id:
-            h["x-claude-code-agent-id"] = agent_id
-        return h
+        user_agent = f"claude-cli/{CLAUDE_CODE_VERSION} (external, {self.entrypoint})"
+        return cli_headers(
+            self.session_id, user_agent, BETAS + ",advanced-tool-use-2025-11-20,effort-2025-11-24", agent_id
+        )
 
     def metadata(self) -> dict[str, str]:
         return {
