@@ -481,15 +481,18 @@ def change_a_token_id(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("damage", ["tensor bytes", "segment token id", "output token id"])
+@pytest.mark.parametrize("damage", ["tensor bytes", "truncated", "segment token id", "output token id"])
 def test_damaged_cache_files_cost_a_warning_never_a_wrong_answer(tiny_model_dir, tmp, reference, damage: str) -> None:
     history = [user(f"Explain the cache folder ({damage}).")]
     cache_dir = warm_one(tiny_model_dir, tmp, reference, damage.replace(" ", "-"), history)
-    if damage == "tensor bytes":
+    if damage in ("tensor bytes", "truncated"):
         files = sorted(cache_dir.rglob("*.safetensors"))
         assert files
         for f in files:
-            flip_tensor_bytes(f)
+            if damage == "truncated":  # a write cut short, header intact
+                f.write_bytes(f.read_bytes()[: f.stat().st_size * 2 // 3])
+            else:
+                flip_tensor_bytes(f)
     else:
         name = "segments-*.jsonl" if damage.startswith("segment") else "outputs.jsonl"
         logs = sorted(cache_dir.rglob(name))
@@ -499,9 +502,10 @@ def test_damaged_cache_files_cost_a_warning_never_a_wrong_answer(tiny_model_dir,
     try:
         warm = same_as_cold(srv, reference, history)
         log = srv.log()
-        if damage == "tensor bytes":
+        if damage in ("tensor bytes", "truncated"):
             assert warm.usage.cache_read_input_tokens == 0
-            assert "checksum" in log and stats(srv)["bad_files_removed"] >= 1, log[-2000:]
+            assert re.search(r"WARNING.*(checksum|unusable)", log), log[-2000:]
+            assert stats(srv)["bad_files_removed"] >= 1, log[-2000:]
         else:
             assert re.search(r"WARNING.*(damaged|checksum)", log), log[-2000:]
     finally:
