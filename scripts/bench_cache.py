@@ -139,6 +139,13 @@ class Replay:
         )
         return req.body, req.headers
 
+    def subagent_request(self, messages: list[dict[str, Any]], *, agent_id: str, label: str) -> tuple[dict, dict]:
+        """A sub-agent's request: 8 of the main tools, its own (shorter) instructions, its agent id."""
+        instructions = "You are a search agent. " + self.gen.instructions[: len(self.gen.instructions) // 3]
+        return self.request(
+            messages, tools=self.tools[:8], subagent=True, instructions=instructions, label=label, agent_id=agent_id
+        )
+
     def tool_results(self, assistant: dict[str, Any], marker: str) -> dict[str, Any]:
         results = [
             {"type": "tool_result", "tool_use_id": b["id"], "content": text_of_size(self.gen.rng, 1200) + f"\n{marker}"}
@@ -205,18 +212,9 @@ def run_session(
             send_(body, headers, "side: title", "side")
             bar.update()
         if turn == replay.turns // 2:
-            agent = "agent-bench-0001"
-            sub_instr = "You are a search agent. " + replay.gen.instructions[: len(replay.gen.instructions) // 3]
             sub = [{"role": "user", "content": "Find every place that reads the build configuration. [[sub 1]]"}]
             for k in (1, 2):
-                body, headers = replay.request(
-                    sub,
-                    tools=replay.tools[:8],
-                    subagent=True,
-                    instructions=sub_instr,
-                    label=f"subagent {k}",
-                    agent_id=agent,
-                )
+                body, headers = replay.subagent_request(sub, agent_id="agent-bench-0001", label=f"subagent {k}")
                 answer = send_(body, headers, f"subagent {k}", "subagent")
                 sub = sub + [
                     {"role": "assistant", "content": answer["content"]},

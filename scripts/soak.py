@@ -122,21 +122,13 @@ class Soak:
 
     def subagent_thread(self, replay: Replay) -> None:
         n = 0
-        instructions = "You are a search agent. " + replay.gen.instructions[: len(replay.gen.instructions) // 3]
         with httpx.Client(base_url=self.url, timeout=3600) as client:
             while self.running():
                 n += 1
                 agent = f"agent-soak-{n:04d}"
                 sub = [{"role": "user", "content": f"Task {n}: find where the configuration is read. [[sub 1]]"}]
                 for k in (1, 2):
-                    body, headers = replay.request(
-                        sub,
-                        tools=replay.tools[:8],
-                        subagent=True,
-                        instructions=instructions,
-                        label=f"subagent {n}.{k}",
-                        agent_id=agent,
-                    )
+                    body, headers = replay.subagent_request(sub, agent_id=agent, label=f"subagent {n}.{k}")
                     answer = self._stream(client, "subagent", f"subagent {n}.{k}", body, headers)
                     if answer is None:
                         break
