@@ -139,6 +139,12 @@ class Replay:
         )
         return req.body, req.headers
 
+    @staticmethod
+    def server_args(model: str | Path, cache_dir: Path, script: Path) -> tuple[str, ...]:
+        """The companion server for a replay: its model, cache folder and scripted replies."""
+        return ("--model", str(model), "--cache-dir", str(cache_dir), "--max-context", "200000",
+                "--test-forced-replies", str(script))  # fmt: skip
+
     def subagent_request(self, messages: list[dict[str, Any]], *, agent_id: str, label: str) -> tuple[dict, dict]:
         """A sub-agent's request: 8 of the main tools, its own (shorter) instructions, its agent id."""
         instructions = "You are a search agent. " + self.gen.instructions[: len(self.gen.instructions) // 3]
@@ -291,16 +297,7 @@ def main() -> int:
     @contextlib.contextmanager
     def chain(cache_dir: Path, log: Path, normalize: bool = True) -> Iterator[tuple[httpx.Client, str]]:
         """Server + mitmdump (normalize on or off) before it; yields (client of the proxy, server URL)."""
-        args = (
-            "--model",
-            model,
-            "--cache-dir",
-            str(cache_dir),
-            "--max-context",
-            "200000",
-            "--test-forced-replies",
-            str(script),
-        )
+        args = Replay.server_args(model, cache_dir, script)
         options = (f"normalize={'true' if normalize else 'false'}", "termlog_verbosity=warn")
         with (
             proxy_chain(args, server_log=log, proxy_options=options) as chain_,

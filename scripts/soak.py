@@ -295,14 +295,7 @@ def main() -> int:
     script.write_text(json.dumps(replay.script()))
     cache_dir = work / "cache"
     server_args = (
-        "--model",
-        str(model),
-        "--cache-dir",
-        str(cache_dir),
-        "--max-context",
-        "200000",
-        "--test-forced-replies",
-        str(script),
+        *Replay.server_args(model, cache_dir, script),
         "--cache-memory",
         args.cache_memory,
         "--cache-disk",
