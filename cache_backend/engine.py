@@ -109,9 +109,6 @@ class Engine:
         self._current: Job | None = None
         self._stopping = threading.Event()
         self.resumed_prefills = 0  # requests that restored a partial prefill
-        # How often the last forward pass looked for a cancel (counted, not assumed: only where
-        # cpu_attention computed a layer's attention). A chunk may last that many chunk_seconds.
-        self._checks_per_pass = 1
 
     def start(self) -> None:
         self._thread.start()
@@ -226,15 +223,17 @@ class Engine:
                 restored = Restored(make_prompt_cache(self.model), 0)
         return restored
 
-    def _next_chunk(self, fed: int, seconds: float, previous: int) -> int:
-        """The next chunk size: about `chunk_seconds` of work at the speed just measured.
+    def _next_chunk(self, fed: int, seconds: float, previous: int, checks: int = 1) -> int:
+        """The next chunk size: about `chunk_seconds` between two looks for a cancel, at the speed
+        just measured; `checks` is how often the last pass looked (1, or once a layer where
+        cpu_attention computed the attention).
 
         Grows at most 2x a step (the first chunks are small probes) and shrinks as attention
         over a longer context slows prefill down.
         """
         if seconds <= 0:
             return min(self.prefill_chunk, previous * 2)
-        target = int(fed / seconds * self.chunk_seconds * max(1, self._checks_per_pass))
+        target = int(fed / seconds * self.chunk_seconds * max(1, checks))
         # Never below MIN_CHUNK: a chunk pays a fixed cost that grows with the context (on this
         # CPU ~0.3 s at 4k tokens), so 1-token chunks ran at 3 tok/s where 16-token ones run at 20.
         return max(min(MIN_CHUNK, self.prefill_chunk), min(self.prefill_chunk, previous * 2, target))
@@ -279,10 +278,9 @@ class Engine:
                     self.model(mx.array(tokens[pos:end])[None], cache=cache)
                     mx.eval([c.state for c in cache])
                 in_pass = False
-                self._checks_per_pass = max(1, checks[0])
                 now = time.monotonic()
                 rate = (end - pos) / (now - t) if now > t else 0.0
-                chunk = self._next_chunk(end - pos, now - t, chunk)
+                chunk = self._next_chunk(end - pos, now - t, chunk, checks[0])
                 job.prefilled += end - pos
                 pos = end
                 progress = Progress(done=pos, total=total, tokens_per_s=rate)
