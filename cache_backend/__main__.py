@@ -12,9 +12,12 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cache_backend.files import default_cache_dir
+
+if TYPE_CHECKING:
+    from cache_backend.prefix_cache import PrefixCache
 
 log = logging.getLogger("cache_backend")
 
@@ -104,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="disk for persisted snapshots under --cache-dir (default: %(default)s); 0 keeps them in memory only",
     )
     ap.add_argument(
+        "--cache-store",
+        choices=("blocks", "snapshots"),
+        default="blocks",
+        help="blocks: KV kept once in token blocks shared by every prompt (models whose layers are all plain "
+        "KV caches); snapshots: one whole copy per snapshot (always used for sliding-window and SSM models)",
+    )
+    ap.add_argument(
+        "--cache-block-tokens",
+        type=int,
+        default=256,
+        help="tokens per KV block with --cache-store blocks (default: %(default)s)",
+    )
+    ap.add_argument(
         "--attention",
         choices=("auto", "numpy", "mlx"),
         default="auto",
@@ -183,8 +199,34 @@ def _served_name(model: str) -> str:
     return p.name if p.exists() else model
 
 
+def _prefix_cache(args: argparse.Namespace, model: Any, model_ref: str, memory: int, disk: int) -> PrefixCache:
+    """The block store where the model's caches can be cut into blocks, whole snapshots otherwise."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from cache_backend.kv_blocks import blockable
+
+    model_dir = _model_dir(model_ref)
+    if model_dir is None and disk:
+        log.warning("cannot locate the files of %s: the KV cache stays in memory only", model_ref)
+    disk_dir = args.cache_dir if disk else None
+    if args.cache_store == "blocks":
+        if blockable(make_prompt_cache(model)):
+            from cache_backend.block_cache import BlockCache
+
+            return BlockCache(
+                memory, disk_dir=disk_dir, disk_budget=disk, model_dir=model_dir, block_size=args.cache_block_tokens
+            )
+        log.info("this model's KV cache cannot be cut into blocks (sliding window or SSM layers): whole snapshots")
+    from cache_backend.snapshot_cache import SnapshotCache
+
+    return SnapshotCache(memory, disk_dir=disk_dir, disk_budget=disk, model_dir=model_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 16 <= args.cache_block_tokens <= 8192:
+        parser.error(f"--cache-block-tokens {args.cache_block_tokens}: choose 16 to 8192 tokens")
     if argv is None:  # a process of its own: re-run with OpenBLAS preloaded before MLX loads
         from cache_backend.fast_blas import reexec_with_fast_blas
 
@@ -208,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     from cache_backend.app import ServerConfig, ServerState, create_app
     from cache_backend.engine import Engine
     from cache_backend.metrics import ServerMetrics
-    from cache_backend.prefix_cache import NoCache, PrefixCache
+    from cache_backend.prefix_cache import NoCache
     from cache_backend.render import Renderer
 
     model, tokenizer, config = load(model_ref, return_config=True)
@@ -241,14 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     disk = parse_size(args.cache_disk, what="--cache-disk")
     prefix_cache: PrefixCache = NoCache()
     if memory > 0:
-        from cache_backend.snapshot_cache import SnapshotCache
-
-        model_dir = _model_dir(model_ref)
-        if model_dir is None and disk:
-            log.warning("cannot locate the files of %s: snapshots stay in memory only", model_ref)
-        prefix_cache = SnapshotCache(
-            memory, disk_dir=args.cache_dir if disk else None, disk_budget=disk, model_dir=model_dir
-        )
+        prefix_cache = _prefix_cache(args, model, model_ref, memory, disk)
     log.info("prefix cache: %s", prefix_cache.describe())
     on_output = renderer.remember_output
     disk_dir = prefix_cache.disk_dir
@@ -264,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             outputs.append(text, tokens)
 
         # Segment tokens depend on the tokenizer files too, which the model fingerprint omits.
-        segments = TokenLog(disk_dir / f"segments-{tokenizer_id(model_dir)}.jsonl", limit=4096)
+        segments = TokenLog(disk_dir / f"segments-{tokenizer_id(_model_dir(model_ref))}.jsonl", limit=4096)
         for key, tokens in segments.load():
             renderer.remember_segment(key, tokens)
         renderer.on_segment = segments.append

@@ -118,20 +118,21 @@ def snapshot_checksum(tokens: np.ndarray, fields: dict[str, str], layers: Layers
         crc = zlib.crc32(f"{name}:".encode(), crc)
         if isinstance(value, mx.array):
             crc = zlib.crc32(f"{value.dtype}{value.shape}".encode(), crc)
-            crc = zlib.crc32(_array_bytes(value), crc)
+            crc = zlib.crc32(array_bytes(value), crc)
         else:
             crc = zlib.crc32(str(value).encode(), crc)
     return f"{crc:08x}"
 
 
-def _array_bytes(a: mx.array) -> np.ndarray:
+def array_bytes(a: mx.array) -> np.ndarray:
+    """An array's bytes as NumPy sees them (for checksums)."""
     if a.dtype == mx.bfloat16:  # NumPy has no bfloat16: the same bytes as 16-bit integers
         a = a.view(mx.uint16)
     return np.ascontiguousarray(np.asarray(memoryview(a)))
 
 
-def _read_header(path: Path) -> dict[str, str]:
-    """The safetensors `__metadata__`, after checking the file is as long as its header says."""
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header, after checking the file is as long as it says."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
@@ -141,9 +142,17 @@ def _read_header(path: Path) -> dict[str, str]:
         if n > size - 8 or n > 64 * 2**20:
             raise ValueError(f"header length {n} exceeds the file")
         header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise ValueError(f"truncated: {size} bytes, header describes {8 + n + end}")
+    return header
+
+
+def _read_header(path: Path) -> dict[str, str]:
+    """Our metadata fields of a snapshot file."""
+    header = safetensors_header(path)
     # save_prompt_cache flattens [metadata, classes, scalars]: our own fields are "0.<key>".
     return {k[2:]: v for k, v in header.get("__metadata__", {}).items() if k.startswith("0.")}
 

@@ -198,7 +198,7 @@ def test_budget_respected_and_eviction_keeps_answers_right(tiny_model_dir, tmp, 
             )
             s = stats(srv)
             assert s["memory_bytes"] <= budget, s
-        assert stats(srv)["evictions"] + stats(srv)["truncations"] > 0
+        assert stats(srv)["evictions"] + stats(srv).get("truncations", 0) > 0
         main += [{"role": "assistant", "content": answer.content[0].text}, user("Continue.")]
         same_as_cold(srv, reference, main)
     finally:

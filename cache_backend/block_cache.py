@@ -1,0 +1,133 @@
+"""The engine's prefix cache on KV blocks (kv_blocks.py, kv_block_files.py) behind the PrefixCache seam.
+
+The same snapshot points as the snapshot cache (end of system + tools, end of prompt, after
+generation, partial prefills), but each save stores only the blocks that are new, and a lookup
+walks block keys instead of comparing the prompt with every stored snapshot. Used for models
+whose caches are all plain `KVCache` layers; the server falls back to `SnapshotCache` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+from cache_backend.kv_block_files import BlockFiles
+from cache_backend.kv_blocks import DEFAULT_BLOCK_TOKENS, BlockStore, chain_seed
+from cache_backend.kv_disk import model_fingerprint
+from cache_backend.prefix_cache import PrefixCache, Restored, SaveKind
+from cache_backend.prompt import RenderedPrompt
+
+
+class BlockCache(PrefixCache):
+    def __init__(
+        self,
+        memory_budget: int,
+        disk_dir: Path | None = None,
+        disk_budget: int = 0,
+        model_dir: Path | None = None,
+        block_size: int = DEFAULT_BLOCK_TOKENS,
+        fingerprint: str | None = None,
+    ) -> None:
+        if block_size < 16:
+            raise ValueError(f"block size {block_size} is too small (16 tokens at least)")
+        disk = None
+        if fingerprint is None:
+            fingerprint = model_fingerprint(model_dir, _hashes(disk_dir)) if model_dir is not None else "unknown-model"
+        if disk_dir is not None and disk_budget > 0 and model_dir is not None:
+            disk = BlockFiles(disk_dir, fingerprint, block_size)
+        self.store = BlockStore(
+            seed=chain_seed(fingerprint, block_size),
+            memory_budget=memory_budget,
+            size=block_size,
+            disk=disk,
+            disk_budget=disk_budget,
+        )
+        # The model's folder (blocks-<size>/ is inside it): the token logs go there.
+        self._disk_root = disk.dir.parent if disk is not None else None
+        self._prefix_end = 0
+        self.requests = 0
+        self._written_before = 0
+        self.last_request_bytes_written = 0
+
+    def restore(self, model: Any, prompt: RenderedPrompt) -> Restored:
+        self._prefix_end = prompt.prefix_end
+        self._request_started()
+        tokens = np.asarray(prompt.tokens, dtype=np.int32)
+        match = self.store.lookup(tokens)
+        if match.length:
+            caches, n, resumed = self.store.restore(match, room=len(tokens) - match.length)
+            if n:
+                return Restored(cache=caches, n_restored=n, resumed=resumed)
+        return Restored(cache=make_prompt_cache(model), n_restored=0)
+
+    def checkpoints(self, prompt: RenderedPrompt, n_restored: int) -> Sequence[int]:
+        # The system + tools boundary is what every later request of any conversation shares.
+        if n_restored < prompt.prefix_end < len(prompt.tokens):
+            return (prompt.prefix_end,)
+        return ()
+
+    def save(self, tokens: Sequence[int], cache: list[Any], kind: SaveKind) -> None:
+        protected = self._prefix_end if 0 < self._prefix_end <= len(tokens) else 0
+        self.store.put(tokens, cache, kind=kind, protected=protected)
+
+    def _request_started(self) -> None:
+        # Writes are asynchronous: what a request's saves wrote shows when the next one starts.
+        disk = self.store.disk
+        written = disk.bytes_written if disk is not None else 0
+        if self.requests:
+            self.last_request_bytes_written = written - self._written_before
+        self._written_before = written
+        self.requests += 1
+
+    @property
+    def disk_dir(self) -> Path | None:
+        return self._disk_root
+
+    def flush(self) -> None:
+        if self.store.disk is not None:
+            self.store.disk.flush()
+
+    def close(self) -> None:
+        if self.store.disk is not None:
+            self.store.disk.close()
+
+    def stats(self) -> dict[str, Any]:
+        s = self.store
+        disk = s.disk
+        unique = s.unique_tokens()
+        logical = s.logical_tokens()
+        return {
+            "store": "blocks",
+            "block_tokens": s.size,
+            "blocks": s.resident_blocks(),
+            "disk_blocks": disk.blocks_on_disk if disk else 0,
+            "unique_tokens": unique,
+            "kv_bytes_per_token": round(s.memory_bytes / unique) if unique else 0,
+            "dedup_ratio": round(logical / unique, 3) if unique else 1.0,
+            "memory_bytes": s.memory_bytes,
+            "memory_budget_bytes": s.memory_budget,
+            "disk_bytes": disk.disk_bytes if disk else 0,
+            # Blocks evicted from memory or not yet written, held until their file is durable:
+            # RAM on top of memory_budget_bytes.
+            "disk_pending_bytes": disk.pending_bytes if disk else 0,
+            "disk_bytes_written": disk.bytes_written if disk else 0,
+            "disk_blocks_written": disk.blocks_written if disk else 0,
+            "disk_bytes_written_last_request": self.last_request_bytes_written,
+            "disk_budget_bytes": s.disk_budget if disk else 0,
+            "blocks_created": s.created,
+            "evictions": s.evictions,
+            "superseded": s.superseded,
+            "bad_files_removed": disk.removed_bad if disk else 0,
+        }
+
+    def describe(self) -> str:
+        where = f", disk {self.store.disk.dir}" if self.store.disk else ""
+        return f"BlockCache({self.store.size}-token blocks, memory {self.store.memory_budget / 2**20:.0f} MiB{where})"
+
+
+def _hashes(disk_dir: Path | None) -> Path | None:
+    return disk_dir / "kv" / "weight-hashes.json" if disk_dir is not None else None

@@ -1,0 +1,415 @@
+"""KV stored once: fixed-size token blocks keyed by a chained hash, shared by every prompt.
+
+A block holds the K/V of up to `size` consecutive tokens for every layer. Its key hashes the key
+of the block before it and its own token ids, starting from a seed that names the model and the
+block size, so a key stands for the whole prefix up to the block's end (vLLM's and llama.cpp's
+scheme). Two prompts that share 30k tokens share those blocks. A save copies only the blocks the
+store does not hold yet, plus a *tail*: the tokens after the last whole block, kept as a leaf so
+a prompt that ends mid-block (a checkpoint, a generation) restores exactly.
+
+Lookup hashes the prompt's whole blocks and walks the chain: one hash per block, whatever the
+number of stored prompts. Where the chain stops, the children of the last matching block (whole
+blocks and tails, usually one or two) are compared token by token, so a prompt that diverges
+mid-block still gets every shared token.
+
+Restore concatenates the chain's arrays into one contiguous cache with room for the rest of the
+prompt: one pass over the restored bytes, and the prefill then appends in place. (The snapshot
+store handed out views of a frozen snapshot instead, but mlx-lm's KVCache copied the whole cache
+at its first append, because the view had no room: a warm turn made that pass anyway.)
+
+Why not paged attention: mlx-lm's attention wants one contiguous K/V array per layer, so blocks
+are the unit of storage and sharing, and the live cache stays contiguous.
+
+Eviction is LRU over blocks. A restore or save touches its whole chain, so an ancestor is never
+older than its descendants and ties go to the deeper block: leaves go first. Blocks of the
+system + tools prefix go last. A block evicted from memory stays in the index while the disk
+tier (kv_block_files.py) has it, or is about to write it; otherwise it and its descendants go.
+
+Only plain `KVCache` layers can be cut into blocks (`blockable`); rotating (sliding-window),
+quantized and SSM caches keep whole snapshots at boundaries (kv_snapshots.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from cache_backend.kv_snapshots import common_prefix_len, tokens_held
+
+if TYPE_CHECKING:
+    from cache_backend.kv_block_files import BlockFiles
+
+BlockArrays = list[tuple[mx.array, mx.array]]  # (keys, values) per layer, [1, heads, tokens, dim]
+DEFAULT_BLOCK_TOKENS = 256
+_STEP = 256  # mlx-lm KVCache's allocation step: room is handed out in these
+
+
+def blockable(layers: Sequence[Any]) -> bool:
+    """True when every layer is a plain `KVCache` (positions can be cut and concatenated)."""
+    return len(layers) > 0 and all(type(c) is KVCache for c in layers)
+
+
+def chain_seed(model_fingerprint: str, size: int) -> bytes:
+    return hashlib.blake2b(f"ccwarm-kv-blocks/1|{model_fingerprint}|{size}".encode(), digest_size=16).digest()
+
+
+def block_key(parent: bytes, tokens: np.ndarray) -> bytes:
+    """The key of a block: its parent's key and its token ids (little-endian int32)."""
+    return hashlib.blake2b(parent + np.ascontiguousarray(tokens, dtype="<i4").tobytes(), digest_size=16).digest()
+
+
+def chain_keys(seed: bytes, tokens: np.ndarray, size: int) -> list[bytes]:
+    """Keys of the whole blocks of `tokens`, in order."""
+    keys = []
+    parent = seed
+    for start in range(0, len(tokens) - size + 1, size):
+        parent = block_key(parent, tokens[start : start + size])
+        keys.append(parent)
+    return keys
+
+
+def copy_span(layers: Sequence[KVCache], start: int, end: int) -> BlockArrays:
+    """Copies (never views: the live cache may be rewound and overwritten) of positions [start, end)."""
+    return [(mx.array(c.keys[..., start:end, :]), mx.array(c.values[..., start:end, :])) for c in layers]
+
+
+def arrays_nbytes(arrays: BlockArrays) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in arrays)
+
+
+@dataclass
+class Block:
+    """K/V of `tokens`, which start at position `start` after the chain ending at `parent`."""
+
+    key: bytes
+    parent: bytes
+    start: int
+    tokens: np.ndarray
+    arrays: BlockArrays | None  # None: not in memory (on disk, or queued for writing)
+    nbytes: int = 0  # of the arrays, also while they are on disk only
+    last_used: int = 0
+    protected: bool = False  # holds tokens of a system + tools prefix
+    kind: str = ""  # the save kind of a save that ended at this block's end ("partial": a resume)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+@dataclass(frozen=True)
+class Match:
+    """The longest stored prefix of a prompt: (block, tokens of it used), in chain order; only
+    the last part may use fewer tokens than its block holds."""
+
+    parts: tuple[tuple[Block, int], ...] = ()
+
+    @property
+    def length(self) -> int:
+        return sum(n for _, n in self.parts)
+
+
+@dataclass
+class BlockStore:
+    """Blocks in memory under a byte budget, indexed by key; a disk tier, when given, backs them."""
+
+    seed: bytes
+    memory_budget: int
+    size: int = DEFAULT_BLOCK_TOKENS
+    disk: BlockFiles | None = None
+    disk_budget: int = 0
+    blocks: dict[bytes, Block] = field(default_factory=dict)
+    children: dict[bytes, set[bytes]] = field(default_factory=dict)
+    memory_bytes: int = 0
+    evictions: int = 0
+    superseded: int = 0
+    created: int = 0
+    _clock: itertools.count = field(default_factory=itertools.count)
+    # The HTTP thread reads stats while the engine's worker changes the index.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.disk is not None:
+            self._load_index()
+
+    # -- lookup ---------------------------------------------------------------------------------
+
+    def lookup(self, prompt: Sequence[int]) -> Match:
+        """The longest stored prefix of `prompt`, leaving at least one token to feed."""
+        tokens = np.asarray(prompt, dtype=np.int32)
+        limit = len(tokens) - 1
+        path: list[Block] = []
+        parent = self.seed
+        for key in chain_keys(self.seed, tokens, self.size):
+            block = self.blocks.get(key)
+            if block is None:
+                break
+            path.append(block)
+            parent = key
+        pos = len(path) * self.size
+        partial, partial_len = None, 0
+        rest = tokens[pos : pos + self.size]
+        for key in self.children.get(parent, ()):
+            child = self.blocks[key]
+            n = common_prefix_len(child.tokens, rest)
+            if n > partial_len:
+                partial, partial_len = child, n
+        found = [(b, len(b.tokens)) for b in path] + ([(partial, partial_len)] if partial is not None else [])
+        parts: list[tuple[Block, int]] = []
+        total = 0
+        for block, n in found:
+            n = min(n, limit - total)  # an exact repeat: the last position is fed again for logits
+            if n <= 0:
+                break
+            parts.append((block, n))
+            total += n
+        return Match(tuple(parts))
+
+    # -- restore --------------------------------------------------------------------------------
+
+    def restore(self, match: Match, room: int) -> tuple[list[KVCache], int, bool]:
+        """One contiguous cache per layer for the match, with `room` free positions after it.
+
+        Returns (caches, tokens restored, resumed). Blocks on disk are loaded (and checked); the
+        restore stops before the first that cannot be read, which is removed with what hangs off it.
+        """
+        parts: list[tuple[BlockArrays, int]] = []
+        resumed = False
+        now = next(self._clock)
+        for block, n in match.parts:
+            arrays = block.arrays
+            if arrays is None:
+                arrays = self.disk.load(block) if self.disk is not None else None
+                if arrays is None:
+                    self._remove_subtree(block)
+                    break
+                self._make_resident(block, arrays)
+            parts.append((arrays, n))
+            resumed = block.kind == "partial" and n == len(block.tokens)
+        # Touch the chain that was used, deepest last, before eviction can run.
+        for block, _ in match.parts[: len(parts)]:
+            block.last_used = now
+        length = sum(n for _, n in parts)
+        if length == 0:
+            return [], 0, False
+        caches = _assemble(parts, length, room)
+        self._evict()
+        return caches, length, resumed and length == match.length
+
+    # -- storing --------------------------------------------------------------------------------
+
+    def put(self, tokens: Sequence[int], live: Sequence[Any], kind: str, protected: int = 0) -> list[Block]:
+        """Store what `live` (holding exactly `tokens`) adds; returns the blocks it created."""
+        toks = np.asarray(tokens, dtype=np.int32)
+        held = tokens_held(live)
+        if held != {len(toks)}:
+            # A block whose K/V disagrees with its tokens would give wrong answers later.
+            raise ValueError(f"a save of {len(toks)} tokens offered a cache holding {sorted(held)} positions")
+        now = next(self._clock)
+        created: list[Block] = []
+        parent = self.seed
+        last: Block | None = None
+        for i, key in enumerate(chain_keys(self.seed, toks, self.size)):
+            start = i * self.size
+            block = self.blocks.get(key)
+            if block is None:
+                end = start + self.size
+                block = Block(key, parent, start, toks[start:end].copy(), copy_span(live, start, end))
+                self._add(block)
+                created.append(block)
+            elif block.arrays is None:
+                self._make_resident(block, copy_span(live, start, block.end))  # the live cache has it: free
+            block.last_used = now
+            block.protected |= start < protected
+            parent, last = key, block
+        tail_start = len(toks) - len(toks) % self.size
+        if tail_start < len(toks):
+            last = self._put_tail(parent, tail_start, toks[tail_start:], live, now, created)
+            last.protected |= tail_start < protected
+        if last is not None and last.end == len(toks):
+            last.kind = kind
+        mx.eval([a for b in created if b.arrays for pair in b.arrays for a in pair])
+        for block in created:
+            block.nbytes = arrays_nbytes(block.arrays or [])
+            with self._lock:
+                self.memory_bytes += block.nbytes
+            if self.disk is not None:
+                self.disk.write(block)
+        self._evict()
+        self._enforce_disk_budget()
+        return created
+
+    def _put_tail(
+        self, parent: bytes, start: int, tail: np.ndarray, live: Sequence[Any], now: int, created: list[Block]
+    ) -> Block:
+        for key in self.children.get(parent, set()):
+            child = self.blocks[key]
+            if len(child.tokens) >= len(tail) and common_prefix_len(child.tokens, tail) == len(tail):
+                if child.arrays is None and len(child.tokens) == len(tail):
+                    self._make_resident(child, copy_span(live, start, child.end))
+                child.last_used = now
+                return child  # a stored block or tail already covers it
+        block = Block(block_key(parent, tail), parent, start, tail.copy(), copy_span(live, start, start + len(tail)))
+        self._add(block)
+        created.append(block)
+        return block
+
+    def _add(self, block: Block) -> None:
+        """Index a new block; tails under the same parent that it covers are superseded."""
+        with self._lock:
+            self.blocks[block.key] = block
+            siblings = self.children.setdefault(block.parent, set())
+            covered = [
+                self.blocks[k]
+                for k in siblings
+                if len(self.blocks[k].tokens) < len(block.tokens)
+                and common_prefix_len(self.blocks[k].tokens, block.tokens) == len(self.blocks[k].tokens)
+            ]
+            siblings.add(block.key)
+        self.created += 1
+        for old in covered:
+            block.protected |= old.protected
+            self._remove(old)
+            self.superseded += 1
+
+    def _make_resident(self, block: Block, arrays: BlockArrays) -> None:
+        mx.eval([a for pair in arrays for a in pair])
+        block.arrays = arrays
+        block.nbytes = arrays_nbytes(arrays)
+        with self._lock:
+            self.memory_bytes += block.nbytes
+
+    # -- capacity -------------------------------------------------------------------------------
+
+    def _evict(self) -> None:
+        if self.memory_bytes <= self.memory_budget:
+            return
+        resident = [b for b in self.blocks.values() if b.arrays is not None]
+        resident.sort(key=lambda b: (b.protected, b.last_used, -b.start))
+        for victim in resident:
+            if self.memory_bytes <= self.memory_budget:
+                break
+            if victim.key not in self.blocks:
+                continue  # went with an evicted ancestor
+            self.evictions += 1
+            with self._lock:
+                self.memory_bytes -= victim.nbytes
+            victim.arrays = None
+            if self.disk is None or not self.disk.has(victim.key):
+                self._remove_subtree(victim)
+
+    def _enforce_disk_budget(self) -> None:
+        if self.disk is None or self.disk.disk_bytes <= self.disk_budget:
+            return
+        on_disk = [b for b in self.blocks.values() if self.disk.has(b.key)]
+        on_disk.sort(key=lambda b: (b.protected, b.last_used, -b.start))
+        for victim in on_disk:
+            if self.disk.disk_bytes <= self.disk_budget:
+                break
+            if victim.key not in self.blocks:
+                continue
+            if victim.arrays is None:
+                self._remove_subtree(victim)
+            else:
+                self.disk.delete(victim.key)  # stays in memory; written again if it is saved again
+
+    def _remove(self, block: Block) -> None:
+        with self._lock:
+            if self.blocks.pop(block.key, None) is None:
+                return
+            siblings = self.children.get(block.parent)
+            if siblings is not None:
+                siblings.discard(block.key)
+                if not siblings:
+                    del self.children[block.parent]
+            if block.arrays is not None:
+                self.memory_bytes -= block.nbytes
+                block.arrays = None
+        if self.disk is not None:
+            self.disk.delete(block.key)
+
+    def _remove_subtree(self, block: Block) -> None:
+        """Remove `block` and every block that continues it (unreachable without it)."""
+        stack = [block]
+        while stack:
+            b = stack.pop()
+            stack.extend(self.blocks[k] for k in self.children.get(b.key, ()) if k in self.blocks)
+            self._remove(b)
+
+    # -- restart --------------------------------------------------------------------------------
+
+    def _load_index(self) -> None:
+        """Index the blocks on disk; those whose chain is broken cannot be reached and go."""
+        assert self.disk is not None
+        found = {b.key: b for b in self.disk.scan()}
+        reachable: set[bytes] = {self.seed}
+        by_start = sorted(found.values(), key=lambda b: b.start)
+        for b in by_start:
+            if b.parent in reachable and b.start % self.size == 0 and len(b.tokens) <= self.size:
+                reachable.add(b.key)
+                self.blocks[b.key] = b
+                self.children.setdefault(b.parent, set()).add(b.key)
+            else:
+                self.disk.delete(b.key)
+
+    # -- accounting -----------------------------------------------------------------------------
+
+    def unique_tokens(self, resident_only: bool = True) -> int:
+        """Distinct token prefixes held: tokens of every block, less what sibling tails share."""
+        with self._lock:
+            groups = [
+                [self.blocks[k].tokens for k in keys if not resident_only or self.blocks[k].arrays is not None]
+                for keys in self.children.values()
+            ]
+        return sum(unique_in_trie(g) for g in groups)
+
+    def logical_tokens(self) -> int:
+        """What whole snapshots of every stored sequence (each leaf's chain) would hold."""
+        with self._lock:
+            return sum(b.end for b in self.blocks.values() if b.arrays is not None and not self.children.get(b.key))
+
+    def resident_blocks(self) -> int:
+        with self._lock:
+            return sum(1 for b in self.blocks.values() if b.arrays is not None)
+
+
+def unique_in_trie(sequences: Sequence[np.ndarray]) -> int:
+    """Nodes of a trie holding `sequences`: total length less the prefixes neighbours share."""
+    ordered = sorted(tuple(int(t) for t in s) for s in sequences)
+    total = 0
+    prev: tuple[int, ...] = ()
+    for s in ordered:
+        shared = 0
+        for a, b in zip(prev, s):
+            if a != b:
+                break
+            shared += 1
+        total += len(s) - shared
+        prev = s
+    return total
+
+
+def _assemble(parts: list[tuple[BlockArrays, int]], length: int, room: int) -> list[KVCache]:
+    """One KVCache per layer holding the parts in order, with zeroed room after `length`."""
+    room = max(_STEP, -(-room // _STEP) * _STEP)
+    caches = []
+    for layer in range(len(parts[0][0])):
+        k0, v0 = parts[0][0][layer]
+        keys = [a[layer][0][..., :n, :] for a, n in parts]
+        values = [a[layer][1][..., :n, :] for a, n in parts]
+        keys.append(mx.zeros((*k0.shape[:2], room, k0.shape[3]), k0.dtype))
+        values.append(mx.zeros((*v0.shape[:2], room, v0.shape[3]), v0.dtype))
+        c = KVCache()
+        c.keys = mx.concatenate(keys, axis=2)
+        c.values = mx.concatenate(values, axis=2)
+        c.offset = length
+        caches.append(c)
+    mx.eval([x for c in caches for x in (c.keys, c.values)])
+    return caches

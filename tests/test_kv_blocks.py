@@ -1,0 +1,161 @@
+"""The block store with a real (tiny) model: restores from blocks give a cold run's greedy output,
+token for token (same conversation, a sibling branch, after a restart, after part of a chain
+was evicted or damaged); shared prefixes are stored once; a save writes only its new blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from test_kv_snapshots import LAST_LOGITS, cold, greedy, model, tokens  # noqa: F401
+
+from cache_backend.kv_block_files import BlockFiles
+from cache_backend.kv_blocks import BlockStore, chain_keys, chain_seed, unique_in_trie
+from cache_backend.kv_disk import model_fingerprint
+
+SIZE = 64
+
+
+def store_for(tmp_path: Path | None, fingerprint: str = "test-model", budget: int = 2**30, **kw) -> BlockStore:
+    disk = BlockFiles(tmp_path, fingerprint, SIZE, write_delay=0.0, tail_delay=0.0) if tmp_path else None
+    return BlockStore(seed=chain_seed(fingerprint, SIZE), memory_budget=budget, size=SIZE, disk=disk,
+                      disk_budget=2**34, **kw)  # fmt: skip
+
+
+def turn(model, store: BlockStore, prompt: list[int], protected: int = 0, n: int = 8) -> list[int]:
+    """A cold request whose prompt and generation are saved, as the engine does."""
+    cache = make_prompt_cache(model)
+    out = greedy(model, cache, prompt, n)
+    store.put(prompt + out[:-1], cache, "generation", protected=protected)
+    return out
+
+
+def warm(model, store: BlockStore, prompt: list[int], n: int = 8) -> tuple[list[int], int]:
+    """Greedy output after a restore from blocks; its first logits must match a cold run's."""
+    match = store.lookup(prompt)
+    caches, restored, _ = store.restore(match, room=len(prompt) - match.length)
+    assert restored <= match.length  # less when a block on disk turns out damaged
+    cache = caches if restored else make_prompt_cache(model)
+    out = greedy(model, cache, prompt[restored:], n)
+    first = LAST_LOGITS[-1]
+    greedy(model, make_prompt_cache(model), prompt, 1)
+    assert mx.allclose(first, LAST_LOGITS[-1], atol=1e-4).item(), "restored logits differ from a cold run"
+    return out, restored
+
+
+def test_keys_name_the_whole_prefix() -> None:
+    seed = chain_seed("m", 4)
+    a = np.arange(12, dtype=np.int32)
+    b = a.copy()
+    b[1] = 99  # differs in the first block only
+    ka, kb = chain_keys(seed, a, 4), chain_keys(seed, b, 4)
+    assert len(ka) == 3 and all(x != y for x, y in zip(ka, kb))
+    assert chain_keys(seed, a[:11], 4) == ka[:2]  # whole blocks only
+    assert chain_keys(chain_seed("other model", 4), a, 4) != ka
+    assert unique_in_trie([np.array([1, 2, 3]), np.array([1, 2, 4]), np.array([5])]) == 5
+
+
+def test_same_conversation_and_sibling_branch_equal_cold(model, tokens) -> None:
+    store = store_for(None)
+    system = tokens(300)
+    first = system + tokens(100)
+    out = turn(model, store, first, protected=len(system))
+    # The next turn: everything before, the answer, a new tail.
+    second = first + out + tokens(90)
+    got, restored = warm(model, store, second)
+    assert restored == len(first) + len(out) - 1 and got == cold(model, second, 8)
+    # A sibling: same system prefix, diverges mid-block (300 is not a multiple of 64).
+    sibling = system + tokens(50)
+    got, restored = warm(model, store, sibling)
+    assert restored == len(system) and got == cold(model, sibling, 8)
+    # An exact repeat keeps one token to feed.
+    got, restored = warm(model, store, first)
+    assert restored == len(first) - 1 and got == cold(model, first, 8)
+
+
+def test_shared_prefix_is_stored_once(model, tokens) -> None:
+    store = store_for(None)
+    shared = tokens(1200)
+    for k in range(4):
+        turn(model, store, shared + tokens(40 + k), n=2)
+    per_token = store.memory_bytes / store.unique_tokens()
+    held = store.unique_tokens()
+    assert held <= 1200 + 4 * 45 and store.memory_bytes == held * per_token
+    assert store.logical_tokens() / held > 3  # four whole snapshots would hold ~4x
+    # Blocks are copies: they never share memory with the live cache that was offered.
+    cache = make_prompt_cache(model)
+    greedy(model, cache, tokens(200), 1)
+    live = np.asarray(cache[0].keys)
+    store.put(list(range(1, 200)) + [7], cache, "prompt")
+    for b in store.blocks.values():
+        arr = np.asarray(b.arrays[0][0])
+        assert not np.shares_memory(arr, live)
+
+
+def test_a_save_writes_only_its_new_blocks(model, tokens, tmp_path: Path) -> None:
+    store = store_for(tmp_path)
+    prompt = tokens(640)
+    out = turn(model, store, prompt)
+    store.disk.flush()
+    first_written = store.disk.blocks_written
+    assert first_written == len(store.blocks)
+    nxt = prompt + out + tokens(200)
+    warm(model, store, nxt)
+    cache = make_prompt_cache(model)
+    greedy(model, cache, nxt, 1)
+    created = store.put(nxt, cache, "prompt")
+    store.disk.flush()
+    new_tokens = sum(len(b.tokens) for b in created)
+    assert new_tokens <= 200 + len(out) + SIZE  # the new tail and the blocks it completes
+    assert store.disk.blocks_written - first_written == len(created)
+
+
+def test_restart_and_partial_eviction_equal_cold(model, tokens, tmp_path: Path, tiny_model_dir: Path) -> None:
+    fp = model_fingerprint(tiny_model_dir)
+    store = store_for(tmp_path, fp)
+    prompt = tokens(700)
+    out = turn(model, store, prompt, protected=100)
+    store.disk.close()
+    # A restart: the index comes from the headers; arrays load when a restore needs them.
+    again = store_for(tmp_path, fp)
+    assert all(b.arrays is None for b in again.blocks.values()) and len(again.blocks) == len(store.blocks)
+    nxt = prompt + out + tokens(60)
+    got, restored = warm(model, again, nxt)
+    assert restored == len(prompt) + len(out) - 1 and got == cold(model, nxt, 8)
+    # Damage the 5th block on disk and evict the memory copies: the restore stops before it.
+    again.disk.close()
+    third = store_for(tmp_path, fp)
+    chain = chain_keys(third.seed, np.asarray(nxt, dtype=np.int32), SIZE)
+    path = third.disk.path(chain[4])
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    got, restored = warm(model, third, nxt)
+    assert restored == 4 * SIZE and got == cold(model, nxt, 8)
+    assert third.disk.removed_bad == 1 and not path.exists()
+    third.disk.close()
+
+
+def test_memory_budget_evicts_leaves_first(model, tokens) -> None:
+    store = store_for(None)
+    system = tokens(256)
+    turn(model, store, system + tokens(300), protected=256, n=2)
+    per_token = store.memory_bytes / store.unique_tokens()
+    store.memory_budget = int(per_token * 700)
+    turn(model, store, system + tokens(300), protected=256, n=2)  # a second conversation
+    assert store.memory_bytes <= store.memory_budget and store.evictions > 0
+    # The shared system blocks survive; the oldest conversation's deepest blocks went first.
+    probe = system + tokens(10)
+    got, restored = warm(model, store, probe)
+    assert restored == 256 and got == cold(model, probe, 8)
+
+
+@pytest.mark.parametrize("size", [0, 3])
+def test_block_size_is_checked(size: int) -> None:
+    from cache_backend.block_cache import BlockCache
+
+    with pytest.raises(ValueError, match="block size"):
+        BlockCache(2**20, block_size=size)
