@@ -49,7 +49,6 @@ class BlockCache(PrefixCache):
         # The model's folder (blocks-<size>/ is inside it): the token logs go there.
         self._disk_root = disk.dir.parent if disk is not None else None
         self._prefix_end = 0
-        self.requests = 0
         self._written_before = 0
         self.last_request_bytes_written = 0
 
@@ -78,10 +77,9 @@ class BlockCache(PrefixCache):
         # Writes are asynchronous: what a request's saves wrote shows when the next one starts.
         disk = self.store.disk
         written = disk.bytes_written if disk is not None else 0
-        if self.requests:
-            self.last_request_bytes_written = written - self._written_before
+        self.last_request_bytes_written = written - self._written_before
         self._written_before = written
-        self.requests += 1
+        self.store.request += 1
 
     @property
     def disk_dir(self) -> Path | None:
@@ -117,6 +115,8 @@ class BlockCache(PrefixCache):
             "disk_bytes_written": disk.bytes_written if disk else 0,
             "disk_blocks_written": disk.blocks_written if disk else 0,
             "disk_bytes_written_last_request": self.last_request_bytes_written,
+            # Request number (1 = the first since start) -> bytes its saves caused to be written.
+            "disk_bytes_written_by_request": disk.written_by_request.snapshot() if disk else {},
             "disk_budget_bytes": s.disk_budget if disk else 0,
             "blocks_created": s.created,
             "evictions": s.evictions,

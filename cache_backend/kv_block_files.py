@@ -35,9 +35,10 @@ import numpy as np
 
 from cache_backend import files
 from cache_backend.kv_blocks import Block, BlockArrays, block_key
-from cache_backend.kv_disk import array_bytes, safetensors_header
+from cache_backend.kv_disk import BytesByRequest, array_bytes, safetensors_header
 
 FORMAT = "ccwarm-kv-block/1"
+
 _CHECKED = ("format", "model", "key", "parent", "start", "protected", "kind")
 log = logging.getLogger("ccwarm.kv_block_files")
 
@@ -78,6 +79,7 @@ class BlockFiles:
         self.removed_bad = 0
         self.bytes_written = 0
         self.blocks_written = 0
+        self.written_by_request = BytesByRequest()
         self._writer = threading.Thread(target=self._write_loop, name="kv-block-writer", daemon=True)
         self._writer.start()
 
@@ -301,4 +303,5 @@ class BlockFiles:
         size = path.stat().st_size
         self.bytes_written += size
         self.blocks_written += 1
+        self.written_by_request.add(block.origin, size)
         return size

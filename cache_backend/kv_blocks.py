@@ -98,6 +98,7 @@ class Block:
     last_used: int = 0
     protected: bool = False  # holds tokens of a system + tools prefix
     kind: str = ""  # the save kind of a save that ended at this block's end ("partial": a resume)
+    origin: int = 0  # the request whose save created it (what its write is counted against)
 
     @property
     def end(self) -> int:
@@ -131,6 +132,7 @@ class BlockStore:
     evictions: int = 0
     superseded: int = 0
     created: int = 0
+    request: int = 0  # the request being served: new blocks are stamped with it
     _clock: itertools.count = field(default_factory=itertools.count)
     # The HTTP thread reads stats while the engine's worker changes the index.
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -237,6 +239,7 @@ class BlockStore:
             last.kind = kind
         mx.eval([a for b in created if b.arrays for pair in b.arrays for a in pair])
         for block in created:
+            block.origin = self.request
             block.nbytes = arrays_nbytes(block.arrays or [])
             with self._lock:
                 self.memory_bytes += block.nbytes
@@ -382,17 +385,13 @@ class BlockStore:
 
 def unique_in_trie(sequences: Sequence[np.ndarray]) -> int:
     """Nodes of a trie holding `sequences`: total length less the prefixes neighbours share."""
+    if len(sequences) < 2:
+        return sum(len(s) for s in sequences)
     ordered = sorted(tuple(int(t) for t in s) for s in sequences)
-    total = 0
-    prev: tuple[int, ...] = ()
-    for s in ordered:
-        shared = 0
-        for a, b in zip(prev, s):
-            if a != b:
-                break
-            shared += 1
+    total = len(ordered[0])
+    for prev, s in zip(ordered, ordered[1:]):
+        shared = common_prefix_len(np.asarray(prev), np.asarray(s))
         total += len(s) - shared
-        prev = s
     return total
 
 

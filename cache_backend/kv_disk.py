@@ -157,6 +157,25 @@ def _read_header(path: Path) -> dict[str, str]:
     return {k[2:]: v for k, v in header.get("__metadata__", {}).items() if k.startswith("0.")}
 
 
+class BytesByRequest:
+    """Bytes written for the saves of each recent request (writes land after the request ended)."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self.keep = keep
+        self._bytes: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, request: int, n: int) -> None:
+        with self._lock:
+            self._bytes[request] = self._bytes.get(request, 0) + n
+            while len(self._bytes) > self.keep:
+                del self._bytes[min(self._bytes)]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {str(k): v for k, v in sorted(self._bytes.items())}
+
+
 class DiskTier:
     """Snapshots as files under `root`, one folder per model, LRU within `budget` bytes.
 
@@ -182,6 +201,7 @@ class DiskTier:
         self._lock = threading.Lock()
         self.removed_bad = 0
         self.bytes_written = 0
+        self.written_by_request = BytesByRequest()
         self._forgotten: set[str] = set()
         self._closing = False
         self._queue: queue.Queue[tuple[float, Snapshot] | None] = queue.Queue()
@@ -395,7 +415,9 @@ class DiskTier:
                 self.pending.pop(snap.id, None)
             replaced = self._after_write.pop(snap.id, [])
         try:
-            self.bytes_written += self.path(snap.id).stat().st_size
+            size = self.path(snap.id).stat().st_size
+            self.bytes_written += size
+            self.written_by_request.add(snap.origin, size)
         except OSError:
             pass
         if superseded:  # superseded while we wrote it (its replacement took over `replaced`)

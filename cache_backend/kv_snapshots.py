@@ -142,6 +142,7 @@ class Snapshot:
     nbytes: int = 0
     last_used: int = 0
     on_disk: bool = False
+    origin: int = 0  # the request whose save made it (what its write is counted against)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -172,6 +173,7 @@ class SnapshotStore:
     evictions: int = 0
     superseded: int = 0
     truncations: int = 0
+    request: int = 0  # the request being served: new snapshots are stamped with it
     _clock: Iterator[int] = field(default_factory=itertools.count)
 
     @staticmethod
@@ -252,6 +254,7 @@ class SnapshotStore:
             trimmable=trimmable,
             nbytes=layers_nbytes(layers),
             last_used=next(self._clock),
+            origin=self.request,
         )
         covered = [
             old

@@ -64,7 +64,7 @@ class PrefixCache(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Figures for `/v1/cache/stats` and `/metrics` (names are the keys); none by default."""
         return {}
 

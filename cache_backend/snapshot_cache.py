@@ -13,6 +13,7 @@ from typing import Any
 
 from mlx_lm.models.cache import make_prompt_cache
 
+from cache_backend.kv_blocks import unique_in_trie
 from cache_backend.kv_disk import DiskTier, model_fingerprint
 from cache_backend.kv_snapshots import SnapshotStore
 from cache_backend.prefix_cache import PrefixCache, Restored, SaveKind
@@ -30,9 +31,19 @@ class SnapshotCache(PrefixCache):
             disk = DiskTier(disk_dir, model_fingerprint(model_dir, disk_dir / "kv" / "weight-hashes.json"), disk_budget)
         self.store = SnapshotStore(memory_budget=memory_budget, disk=disk)
         self._prefix_end = 0
+        self._written_before = 0
+        self.last_request_bytes_written = 0
+
+    def _request_started(self) -> None:
+        # Writes are asynchronous: what a request's saves wrote shows when the next one starts.
+        written = self.store.disk.bytes_written if self.store.disk is not None else 0
+        self.last_request_bytes_written = written - self._written_before
+        self._written_before = written
+        self.store.request += 1
 
     def restore(self, model: Any, prompt: RenderedPrompt) -> Restored:
         self._prefix_end = prompt.prefix_end
+        self._request_started()
         # A snapshot file may turn out unreadable (it is then removed): look again.
         for _ in range(4):
             hit = self.store.lookup(prompt.tokens)
@@ -65,11 +76,17 @@ class SnapshotCache(PrefixCache):
         if self.store.disk is not None:
             self.store.disk.close()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         s = self.store.stats()
         disk = self.store.disk
+        snaps = list(self.store.snapshots.values())
+        unique = unique_in_trie([x.tokens for x in snaps])
         return {
+            "store": "snapshots",
             "snapshots": s.snapshots,
+            "unique_tokens": unique,
+            "kv_bytes_per_token": round(s.memory_bytes / unique) if unique else 0,
+            "dedup_ratio": round(sum(len(x) for x in snaps) / unique, 3) if unique else 1.0,
             "disk_snapshots": len(disk.entries()) if disk else 0,
             "memory_bytes": s.memory_bytes,
             "memory_budget_bytes": self.store.memory_budget,
@@ -78,6 +95,9 @@ class SnapshotCache(PrefixCache):
             # RAM on top of memory_budget_bytes.
             "disk_pending_bytes": disk.pending_bytes if disk else 0,
             "disk_bytes_written": disk.bytes_written if disk else 0,
+            "disk_bytes_written_last_request": self.last_request_bytes_written,
+            # Request number (1 = the first since start) -> bytes its saves caused to be written.
+            "disk_bytes_written_by_request": disk.written_by_request.snapshot() if disk else {},
             "disk_budget_bytes": disk.budget if disk else 0,
             "evictions": s.evictions,
             "superseded": s.superseded,

@@ -21,165 +21,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_cache_current import chart_current, kv_bytes_per_token, print_current, run_current, summarize_current
 from tqdm import tqdm
 
-from cache_backend.hermes import tool_call_markup
 from ccwarm.harness import REPO
 from ccwarm.stack import proxy_chain
-from ccwarm.testing.synthetic import SessionGenerator, SessionSpec, text_of_size
-
-
-@dataclass
-class Measured:
-    label: str
-    kind: str
-    prompt_tokens: int
-    restored: int
-    prefilled: int
-    ttft_s: float
-    output_tokens: int
-    stop_reason: str
-
-
-def stream_request(
-    client: httpx.Client, body: dict[str, Any], headers: dict[str, str]
-) -> tuple[dict[str, Any], float, dict[str, Any]]:
-    """POST a streaming request; returns (final message with content blocks, TTFT, usage)."""
-    start = time.perf_counter()
-    ttft = None
-    message: dict[str, Any] = {}
-    blocks: list[dict[str, Any]] = []
-    partial: dict[int, str] = {}
-    usage: dict[str, Any] = {}
-    with client.stream("POST", "/v1/messages?beta=true", json=body, headers=headers) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {resp.read().decode(errors='replace')[:500]}")
-        event = None
-        for line in resp.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-                continue
-            if not line.startswith("data:"):
-                continue
-            data = json.loads(line[5:])
-            if event in ("content_block_start", "content_block_delta") and ttft is None:
-                ttft = time.perf_counter() - start
-            if event == "message_start":
-                message = data["message"]
-                usage.update(message.get("usage", {}))
-            elif event == "content_block_start":
-                blocks.append(dict(data["content_block"]))
-            elif event == "content_block_delta":
-                d = data["delta"]
-                if d["type"] == "text_delta":
-                    blocks[data["index"]]["text"] += d["text"]
-                elif d["type"] == "input_json_delta":
-                    partial[data["index"]] = partial.get(data["index"], "") + d["partial_json"]
-            elif event == "content_block_stop" and data["index"] in partial:
-                blocks[data["index"]]["input"] = json.loads(partial.pop(data["index"]) or "{}")
-            elif event == "message_delta":
-                message["stop_reason"] = data["delta"].get("stop_reason")
-                usage.update(data.get("usage", {}))
-            elif event == "error":
-                raise RuntimeError(f"stream error: {data}")
-    message["content"] = blocks
-    return message, ttft if ttft is not None else time.perf_counter() - start, usage
-
-
-class Replay:
-    """Builds each request from the server's previous answers, as Claude Code does."""
-
-    def __init__(self, spec: SessionSpec, turns: int) -> None:
-        self.gen = SessionGenerator(spec)
-        self.turns = turns
-        self.tools = self.gen.tools
-
-    def script(self, extra_turns: int = 0) -> list[dict[str, Any]]:
-        entries = [
-            {"when": "[[tail]]", "reply": "Noted."},
-            {"when": "[[title]]", "reply": '{"title": "What the build does"}'},
-            {"when": "[[sub 1]]", "reply": "Searching.\n" + tool_call_markup("Grep", {"pattern": "config"})},
-            {"when": "[[sub 2]]", "reply": "The configuration is read in two places."},
-        ]
-        for k in range(1, self.turns + 2 + extra_turns):
-            tool = self.tools[k % 6]["name"]
-            reply = f"Step {k}: checking the next file.\n" + tool_call_markup(tool, {"path": f"src/module_{k}.py"})
-            entries.append({"when": f"[[turn {k}]]", "reply": reply})
-        return entries
-
-    def request(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        tools: list | None,
-        subagent: bool = False,
-        instructions: str | None = None,
-        label: str,
-        agent_id: str | None = None,
-    ) -> tuple[dict, dict]:
-        req = self.gen.request(
-            messages,
-            tools=tools,
-            label=label,
-            subagent=subagent,
-            instructions=instructions,
-            agent_id=agent_id,
-            max_tokens=256,
-        )
-        return req.body, req.headers
-
-    @staticmethod
-    def server_args(model: str | Path, cache_dir: Path, script: Path) -> tuple[str, ...]:
-        """The companion server for a replay: its model, cache folder and scripted replies."""
-        return ("--model", str(model), "--cache-dir", str(cache_dir), "--max-context", "200000",
-                "--test-forced-replies", str(script))  # fmt: skip
-
-    def subagent_request(self, messages: list[dict[str, Any]], *, agent_id: str, label: str) -> tuple[dict, dict]:
-        """A sub-agent's request: 8 of the main tools, its own (shorter) instructions, its agent id."""
-        instructions = "You are a search agent. " + self.gen.instructions[: len(self.gen.instructions) // 3]
-        return self.request(
-            messages, tools=self.tools[:8], subagent=True, instructions=instructions, label=label, agent_id=agent_id
-        )
-
-    def tool_results(self, assistant: dict[str, Any], marker: str) -> dict[str, Any]:
-        results = [
-            {"type": "tool_result", "tool_use_id": b["id"], "content": text_of_size(self.gen.rng, 1200) + f"\n{marker}"}
-            for b in assistant["content"]
-            if b["type"] == "tool_use"
-        ]
-        if not results:
-            return {"role": "user", "content": f"Go on. {marker}"}
-        return {"role": "user", "content": results}
-
-
-def send(client: httpx.Client, out: list[Measured], body, headers, label, kind) -> dict[str, Any]:
-    message, ttft, usage = stream_request(client, body, headers)
-    restored = usage.get("cache_read_input_tokens", 0)
-    prefilled = usage.get("input_tokens", 0)
-    out.append(
-        Measured(
-            label,
-            kind,
-            restored + prefilled,
-            restored,
-            prefilled,
-            ttft,
-            usage.get("output_tokens", 0),
-            message.get("stop_reason") or "",
-        )
-    )
-    return message
+from ccwarm.testing.replay import Measured, Replay, send
+from ccwarm.testing.synthetic import SessionSpec
 
 
 def run_session(
@@ -263,6 +123,14 @@ def main() -> int:
     )
     ap.add_argument("--system-kb", type=int, default=12)
     ap.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench_cache")
+    ap.add_argument(
+        "--scenario",
+        choices=("all", "classic", "current"),
+        default="all",
+        help="classic: the 2.1.197-shaped session, normalized or not; current: the KV block store against whole "
+        "snapshots on a current-CLI session (scripts/bench_cache_current.py); all: both (default)",
+    )
+    ap.add_argument("--current-turns", type=int, default=14, help="main turns of the current-CLI session")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ccwarm-bench-"))
@@ -275,17 +143,35 @@ def main() -> int:
                 work / "tiny-model", seed=0, num_layers=1, hidden_size=args.hidden, intermediate_size=4 * args.hidden
             )
         )
+    if args.scenario in ("all", "current"):
+        current = run_current(model, work, args.restarts, args.current_turns)
+        current["summary"] = summarize_current(current, kv_bytes_per_token(_config(model)))
+        current["machine"] = _machine()
+        (args.out / "bench_cache_current.json").write_text(json.dumps(current, indent=2))
+        chart_current(current, args.out / "bench_cache_current.png")
+        print_current(current["summary"])
+        print(f"\nwrote {args.out / 'bench_cache_current.json'} and {args.out / 'bench_cache_current.png'}")
+    if args.scenario in ("all", "classic"):
+        run_classic(args, model, work)
+    return 0
+
+
+def _config(model: str) -> dict[str, Any]:
+    return json.loads((Path(model) / "config.json").read_text())
+
+
+def _machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+
+
+def run_classic(args: argparse.Namespace, model: str, work: Path) -> None:
     spec = SessionSpec(seed=3, tools_json_bytes=args.tools_kb * 1000, system_bytes=args.system_kb * 1000)
     replay = Replay(spec, args.turns)
     script = work / "script.json"
     script.write_text(json.dumps(replay.script(args.restarts)))
 
     results: dict[str, Any] = {
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": __import__("os").cpu_count(),
-        },
+        "machine": _machine(),
         "turns": args.turns,
         "model": model,
         "model_config": json.loads((Path(model) / "config.json").read_text())
@@ -335,7 +221,6 @@ def main() -> int:
     chart(results, args.out / "bench_cache.png")
     print_report(results)
     print(f"\nwrote {args.out / 'bench_cache.json'} and {args.out / 'bench_cache.png'}")
-    return 0
 
 
 def ideal_prefill(requests: list[dict[str, Any]]) -> int:

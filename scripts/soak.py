@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_cache import Replay, stream_request  # a sibling: scripts/ is on sys.path when run
 from tqdm import tqdm
 
 from ccwarm.harness import REPO
 from ccwarm.stack import proxy_chain
+from ccwarm.testing.replay import Replay, stream_request
 from ccwarm.testing.synthetic import SessionSpec
 from ccwarm.testing.synthetic_current import CurrentSession, CurrentSpec
 
