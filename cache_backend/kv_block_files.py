@@ -29,12 +29,13 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
 from cache_backend import files
-from cache_backend.kv_blocks import Block, BlockArrays, block_key
+from cache_backend.kv_blocks import Block, BlockArrays, Layout, as_numpy, block_key
 from cache_backend.kv_disk import BytesByRequest, array_bytes, safetensors_header
 
 FORMAT = "ccwarm-kv-block/1"
@@ -43,16 +44,42 @@ _CHECKED = ("format", "model", "key", "parent", "start", "protected", "kind")
 log = logging.getLogger("ccwarm.kv_block_files")
 
 
-def block_checksum(tokens: np.ndarray, fields: dict[str, str], arrays: BlockArrays) -> str:
-    """CRC-32 (damage, not attack: ~2.4 GB/s here) over tokens, metadata and tensor bytes."""
+def _crc_start(tokens: np.ndarray, fields: dict[str, str]) -> int:
     crc = zlib.crc32(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
     for k in sorted(fields):
         crc = zlib.crc32(f"{k}={fields[k]}\n".encode(), crc)
+    return crc
+
+
+def block_checksum(tokens: np.ndarray, fields: dict[str, str], arrays: BlockArrays) -> str:
+    """CRC-32 (damage, not attack: ~2 GB/s here) over tokens, metadata and tensor bytes, in
+    the order a restore reads them back: per layer keys then values, each head's rows in turn."""
+    crc = _crc_start(tokens, fields)
     for layer, (k, v) in enumerate(arrays):
-        for name, a in ((f"k.{layer}", k), (f"v.{layer}", v)):
-            crc = zlib.crc32(f"{name}:{a.dtype}{a.shape}".encode(), crc)
+        for name, a in (("k", k), ("v", v)):
+            crc = zlib.crc32(f"{name}.{layer}:{a.dtype}{tuple(a.shape)}".encode(), crc)
             crc = zlib.crc32(array_bytes(a), crc)
     return f"{crc:08x}"
+
+
+# safetensors dtype names <-> MLX (what save_safetensors writes for a KV cache's dtypes).
+_MX_DTYPE = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
+
+
+def _tensors(header: dict) -> list[tuple[tuple[str, Any, list[int], int], tuple[str, Any, list[int], int]]]:
+    """Per layer, ((name, MLX dtype, shape, data offset) of the keys, the same of the values)."""
+    layers = []
+    for layer in range(sum(1 for name in header if name.startswith("k."))):
+        pair = []
+        for name in ("k", "v"):
+            t = header[f"{name}.{layer}"]
+            if t["dtype"] not in _MX_DTYPE or len(t["shape"]) != 4:
+                raise ValueError(f"{name}.{layer}: dtype {t['dtype']}, shape {t['shape']}")
+            pair.append((name, _MX_DTYPE[t["dtype"]], t["shape"], t["data_offsets"][0]))
+        layers.append(tuple(pair))
+    if not layers:
+        raise ValueError("no tensors")
+    return layers
 
 
 class BlockFiles:
@@ -171,36 +198,76 @@ class BlockFiles:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def load(self, block: Block) -> BlockArrays | None:
-        """The block's arrays: held here if its write is queued, else read and checked; None
-        (and the file removed) if it is unusable."""
+    def layout(self, block: Block) -> Layout | None:
+        """Per layer (KV heads, key dim, value dim, dtype), from the block's queued arrays or its
+        file's header; None if neither is readable."""
         with self._cond:
             queued = self._pending.get(block.key)
         if queued is not None:
-            return queued[1]
+            return [(k.shape[1], k.shape[3], v.shape[3], k.dtype) for k, v in queued[1]]
+        try:
+            tensors = _tensors(safetensors_header(self.path(block.key)))
+            return [(k[2][1], k[2][3], v[2][3], k[1]) for k, v in tensors]
+        except Exception as e:  # noqa: BLE001 - an unreadable header is a miss
+            self._bad(block.key, str(e))
+            return None
+
+    def read_into(self, block: Block, n: int, views: list[tuple[np.ndarray, np.ndarray]], at: int) -> bool:
+        """Copy the block's first `n` positions into `views` at position `at`, straight from its
+        file, checking its key and checksum; False (and the file removed) if it is unusable.
+
+        Called on restore threads: NumPy and file reads only, no MLX.
+        """
+        with self._cond:
+            queued = self._pending.get(block.key)
+        if queued is not None:
+            for (k, v), (dk, dv) in zip(queued[1], views, strict=True):
+                dk[:, :, at : at + n, :] = as_numpy(k)[:, :, :n, :]
+                dv[:, :, at : at + n, :] = as_numpy(v)[:, :, :n, :]
+            return True
         path = self.path(block.key)
         try:
-            arrays_by_name, meta = mx.load(str(path), return_metadata=True)
-            if meta.get("model") != self.fingerprint or meta.get("format") != FORMAT:
-                raise ValueError("metadata does not match")
-            tokens = np.frombuffer(base64.b64decode(meta["tokens"], validate=True), dtype="<i4")
-            parent = bytes.fromhex(meta["parent"])
-            if not np.array_equal(tokens, block.tokens) or block_key(parent, tokens) != block.key:
-                raise ValueError("tokens do not hash to the block's key")
-            layers = len(arrays_by_name) // 2
-            arrays = [(arrays_by_name[f"k.{i}"], arrays_by_name[f"v.{i}"]) for i in range(layers)]
-            mx.eval([a for pair in arrays for a in pair])
-            if any(k.shape[2] != len(tokens) or v.shape[2] != len(tokens) for k, v in arrays):
-                raise ValueError("arrays do not hold one position per token")
-            fields = {k: meta.get(k, "") for k in _CHECKED}
-            if block_checksum(tokens, fields, arrays) != meta.get("checksum"):
+            with path.open("rb") as f:
+                header = safetensors_header(path)
+                meta = header.get("__metadata__", {})
+                if meta.get("model") != self.fingerprint or meta.get("format") != FORMAT:
+                    raise ValueError("metadata does not match")
+                tokens = np.frombuffer(base64.b64decode(meta["tokens"], validate=True), dtype="<i4")
+                parent = bytes.fromhex(meta["parent"])
+                if not np.array_equal(tokens, block.tokens) or block_key(parent, tokens) != block.key:
+                    raise ValueError("tokens do not hash to the block's key")
+                fields = {k: meta.get(k, "") for k in _CHECKED}
+                crc = _crc_start(tokens, fields)
+                data = 8 + int.from_bytes(f.read(8), "little")  # tensor offsets count from here
+                tensors = _tensors(header)
+                if len(tensors) != len(views):
+                    raise ValueError(f"{len(tensors)} layers, the model has {len(views)}")
+                for layer, (pair, dest) in enumerate(zip(tensors, views, strict=True)):
+                    for (name, dtype, shape, offset), d in zip(pair, dest, strict=True):
+                        if shape[0] != 1 or shape[2] != len(tokens) or (shape[1], shape[3]) != (d.shape[1], d.shape[3]):
+                            raise ValueError(f"{name}.{layer} has shape {shape}")
+                        crc = zlib.crc32(f"{name}.{layer}:{dtype}{tuple(shape)}".encode(), crc)
+                        f.seek(data + offset)
+                        target = d if n == len(tokens) else np.empty((1, shape[1], shape[2], shape[3]), d.dtype)
+                        start = at if n == len(tokens) else 0
+                        for h in range(shape[1]):
+                            chunk = target[0, h, start : start + shape[2], :]
+                            if f.readinto(memoryview(chunk).cast("B")) != chunk.nbytes:
+                                raise ValueError("the file ends early")
+                            crc = zlib.crc32(chunk, crc)
+                        if target is not d:
+                            d[:, :, at : at + n, :] = target[:, :, :n, :]
+            if f"{crc:08x}" != meta.get("checksum"):
                 raise ValueError("checksum mismatch: the file was damaged after it was written")
         except Exception as e:  # noqa: BLE001 - any unreadable file is a miss, never a crash
-            log.warning(f"kv cache: removing unusable block file {path.name}: {e}")
-            self.removed_bad += 1
-            self.delete(block.key)
-            return None
-        return arrays
+            self._bad(block.key, str(e))
+            return False
+        return True
+
+    def _bad(self, key: bytes, why: str) -> None:
+        log.warning(f"kv cache: removing unusable block file {self.path(key).name}: {why}")
+        self.removed_bad += 1
+        self.delete(key)
 
     # -- writes ---------------------------------------------------------------------------------
 

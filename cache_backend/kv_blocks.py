@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from cache_backend.kv_block_files import BlockFiles
 
 BlockArrays = list[tuple[mx.array, mx.array]]  # (keys, values) per layer, [1, heads, tokens, dim]
+Layout = list[tuple[int, int, int, Any]]  # per layer: KV heads, key dim, value dim, MLX dtype
 DEFAULT_BLOCK_TOKENS = 256
 _STEP = 256  # mlx-lm KVCache's allocation step: room is handed out in these
 
@@ -136,6 +138,8 @@ class BlockStore:
     _clock: itertools.count = field(default_factory=itertools.count)
     # The HTTP thread reads stats while the engine's worker changes the index.
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Restores copy blocks into the cache on two threads (NumPy copies and CRCs release the GIL).
+    _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="kv-restore"))
 
     def __post_init__(self) -> None:
         if self.disk is not None:
@@ -179,31 +183,52 @@ class BlockStore:
     def restore(self, match: Match, room: int) -> tuple[list[KVCache], int, bool]:
         """One contiguous cache per layer for the match, with `room` free positions after it.
 
-        Returns (caches, tokens restored, resumed). Blocks on disk are loaded (and checked); the
-        restore stops before the first that cannot be read, which is removed with what hangs off it.
+        Returns (caches, tokens restored, resumed). Blocks on disk are read straight into the
+        cache and checked; the restore stops before the first that cannot be read, which is
+        removed with what hangs off it.
         """
-        parts: list[tuple[BlockArrays, int]] = []
-        resumed = False
+        parts = list(match.parts)
+        if not parts:
+            return [], 0, False
+        layout = self._layout(parts[0][0])
+        if layout is None:
+            self._remove_subtree(parts[0][0])
+            return [], 0, False
+        caches, views = _allocate(layout, match.length + room)
+        starts = list(itertools.accumulate((n for _, n in parts), initial=0))
+        jobs = [
+            self._pool.submit(self._fill, block, n, views, at) for (block, n), at in zip(parts, starts, strict=False)
+        ]
+        ok = [job.result() for job in jobs]
+        used = ok.index(False) if False in ok else len(parts)
+        if used < len(parts):
+            self._remove_subtree(parts[used][0])
         now = next(self._clock)
-        for block, n in match.parts:
-            arrays = block.arrays
-            if arrays is None:
-                arrays = self.disk.load(block) if self.disk is not None else None
-                if arrays is None:
-                    self._remove_subtree(block)
-                    break
-                self._make_resident(block, arrays)
-            parts.append((arrays, n))
-            resumed = block.kind == "partial" and n == len(block.tokens)
-        # Touch the chain that was used, deepest last, before eviction can run.
-        for block, _ in match.parts[: len(parts)]:
+        for block, _ in parts[:used]:
             block.last_used = now
-        length = sum(n for _, n in parts)
+        length = starts[used]
         if length == 0:
             return [], 0, False
-        caches = _assemble(parts, length, room)
-        self._evict()
-        return caches, length, resumed and length == match.length
+        for c in caches:
+            c.offset = length
+        last, n = parts[used - 1]
+        resumed = used == len(parts) and last.kind == "partial" and n == len(last.tokens)
+        return _finish(caches), length, resumed
+
+    def _layout(self, block: Block) -> Layout | None:
+        if block.arrays is not None:
+            return [(k.shape[1], k.shape[3], v.shape[3], k.dtype) for k, v in block.arrays]
+        return self.disk.layout(block) if self.disk is not None else None
+
+    def _fill(self, block: Block, n: int, views: list[tuple[np.ndarray, np.ndarray]], at: int) -> bool:
+        """Copy `n` positions of `block` into the cache views at `at` (a worker thread: NumPy only)."""
+        arrays = block.arrays
+        if arrays is None:
+            return self.disk.read_into(block, n, views, at) if self.disk is not None else False
+        for (k, v), (dk, dv) in zip(arrays, views, strict=True):
+            dk[:, :, at : at + n, :] = as_numpy(k)[:, :, :n, :]
+            dv[:, :, at : at + n, :] = as_numpy(v)[:, :, :n, :]
+        return True
 
     # -- storing --------------------------------------------------------------------------------
 
@@ -226,14 +251,16 @@ class BlockStore:
                 block = Block(key, parent, start, toks[start:end].copy(), copy_span(live, start, end))
                 self._add(block)
                 created.append(block)
-            elif block.arrays is None:
-                self._make_resident(block, copy_span(live, start, block.end))  # the live cache has it: free
+            elif block.arrays is None and kind == "generation":
+                # Restored from disk: back in memory from the live cache, after the answer (a copy
+                # here would delay the first token).
+                self._make_resident(block, copy_span(live, start, block.end))
             block.last_used = now
             block.protected |= start < protected
             parent, last = key, block
         tail_start = len(toks) - len(toks) % self.size
         if tail_start < len(toks):
-            last = self._put_tail(parent, tail_start, toks[tail_start:], live, now, created)
+            last = self._put_tail(parent, tail_start, toks[tail_start:], live, now, created, kind)
             last.protected |= tail_start < protected
         if last is not None and last.end == len(toks):
             last.kind = kind
@@ -250,12 +277,19 @@ class BlockStore:
         return created
 
     def _put_tail(
-        self, parent: bytes, start: int, tail: np.ndarray, live: Sequence[Any], now: int, created: list[Block]
+        self,
+        parent: bytes,
+        start: int,
+        tail: np.ndarray,
+        live: Sequence[Any],
+        now: int,
+        created: list[Block],
+        kind: str,
     ) -> Block:
         for key in self.children.get(parent, set()):
             child = self.blocks[key]
             if len(child.tokens) >= len(tail) and common_prefix_len(child.tokens, tail) == len(tail):
-                if child.arrays is None and len(child.tokens) == len(tail):
+                if child.arrays is None and len(child.tokens) == len(tail) and kind == "generation":
                     self._make_resident(child, copy_span(live, start, child.end))
                 child.last_used = now
                 return child  # a stored block or tail already covers it
@@ -395,20 +429,36 @@ def unique_in_trie(sequences: Sequence[np.ndarray]) -> int:
     return total
 
 
-def _assemble(parts: list[tuple[BlockArrays, int]], length: int, room: int) -> list[KVCache]:
-    """One KVCache per layer holding the parts in order, with zeroed room after `length`."""
-    room = max(_STEP, -(-room // _STEP) * _STEP)
-    caches = []
-    for layer in range(len(parts[0][0])):
-        k0, v0 = parts[0][0][layer]
-        keys = [a[layer][0][..., :n, :] for a, n in parts]
-        values = [a[layer][1][..., :n, :] for a, n in parts]
-        keys.append(mx.zeros((*k0.shape[:2], room, k0.shape[3]), k0.dtype))
-        values.append(mx.zeros((*v0.shape[:2], room, v0.shape[3]), v0.dtype))
+def as_numpy(a: mx.array) -> np.ndarray:
+    """A NumPy view of an evaluated MLX array (bfloat16 as its 16-bit pattern: NumPy has none)."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+        mx.eval(a)
+    return np.asarray(memoryview(a))
+
+
+def _allocate(layout: Layout, capacity: int) -> tuple[list[KVCache], list[tuple[np.ndarray, np.ndarray]]]:
+    """Empty caches with room for `capacity` positions, and writable NumPy views of their arrays.
+
+    Writing through the views fills the MLX arrays in place (MLX documents NumPy views of its
+    arrays as shared memory): one pass over the restored bytes, from memory or straight from disk.
+    """
+    capacity = -(-capacity // _STEP) * _STEP
+    caches, views = [], []
+    for heads, k_dim, v_dim, dtype in layout:
+        store = mx.uint16 if dtype == mx.bfloat16 else dtype
         c = KVCache()
-        c.keys = mx.concatenate(keys, axis=2)
-        c.values = mx.concatenate(values, axis=2)
-        c.offset = length
+        c.keys = mx.zeros((1, heads, capacity, k_dim), store)
+        c.values = mx.zeros((1, heads, capacity, v_dim), store)
         caches.append(c)
+    mx.eval([x for c in caches for x in (c.keys, c.values)])
+    for c, (*_, dtype) in zip(caches, layout, strict=True):
+        views.append((np.asarray(memoryview(c.keys)), np.asarray(memoryview(c.values))))
+        if dtype == mx.bfloat16:
+            c.keys, c.values = c.keys.view(mx.bfloat16), c.values.view(mx.bfloat16)
+    return caches, views
+
+
+def _finish(caches: list[KVCache]) -> list[KVCache]:
     mx.eval([x for c in caches for x in (c.keys, c.values)])
     return caches

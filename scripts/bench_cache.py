@@ -130,7 +130,7 @@ def main() -> int:
         help="classic: the 2.1.197-shaped session, normalized or not; current: the KV block store against whole "
         "snapshots on a current-CLI session (scripts/bench_cache_current.py); all: both (default)",
     )
-    ap.add_argument("--current-turns", type=int, default=14, help="main turns of the current-CLI session")
+    ap.add_argument("--current-turns", type=int, default=18, help="main turns of the current-CLI session")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ccwarm-bench-"))

@@ -301,3 +301,39 @@ def test_a_prefill_stopped_by_shutdown_resumes_after_the_restart(tiny_model_dir,
         assert after.usage.cache_read_input_tokens == kept_tokens(srv) > 100
     finally:
         again.stop()
+
+
+@pytest.mark.parametrize("store", ["blocks", "snapshots"])
+def test_every_restore_path_answers_as_cold(tiny_model_dir, tmp, reference, store: str) -> None:
+    """The same conversation, a sibling branch, after a restart, and with most of the chain evicted
+    from memory (loaded back from disk): greedy output equals the cold server's, token for token."""
+    cache_dir = tmp / f"cache-paths-{store}"
+    opts = ("--cache-store", store, "--cache-block-tokens", "32")
+    history = [user("Explain the deploy script.")]
+    srv = start(tiny_model_dir, tmp, f"paths-{store}-1", *opts, cache_dir=cache_dir)
+    try:
+        first = same_as_cold(srv, reference, history)
+        said = {"role": "assistant", "content": first.content[0].text}
+        second = same_as_cold(srv, reference, [*history, said, user("And the rollback?")])
+        assert second.usage.cache_read_input_tokens == prompt_len(first) + first.usage.output_tokens - 1
+        sibling = same_as_cold(srv, reference, [*history, said, user("And the tests?")])
+        assert sibling.usage.cache_read_input_tokens >= prompt_len(first)
+        assert stats(srv)["store"] == store
+    finally:
+        srv.stop()
+    history = [*history, said, user("And the rollback?"), {"role": "assistant", "content": second.content[0].text}]
+    # 2 layers x 2 KV heads x 16 dims x float32 x K+V = 512 bytes a token: room for ~150 tokens.
+    srv = start(tiny_model_dir, tmp, f"paths-{store}-2", *opts, "--cache-memory", "80000", cache_dir=cache_dir)
+    try:
+        after = same_as_cold(srv, reference, [*history, user("Summarize.")])
+        if store == "blocks":
+            assert after.usage.cache_read_input_tokens == prompt_len(second) + second.usage.output_tokens - 1
+        # Another conversation pushes the chain out of memory; the next turn reloads it from disk.
+        same_as_cold(srv, reference, [user("unrelated")], system=[{"type": "text", "text": "Another prompt."}])
+        again = same_as_cold(srv, reference, [*history, user("List the risks.")])
+        s = stats(srv)
+        assert s["memory_bytes"] <= 80000 and s["evictions"] > 0, s
+        if store == "blocks":
+            assert again.usage.cache_read_input_tokens >= prompt_len(second) + second.usage.output_tokens - 1
+    finally:
+        srv.stop()

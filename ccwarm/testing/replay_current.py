@@ -19,7 +19,7 @@ from ccwarm.testing.synthetic_current import CurrentSession, CurrentSpec
 
 @dataclass(frozen=True)
 class CurrentReplaySpec:
-    main_turns: int = 14
+    main_turns: int = 18
     extra_main_turns: int = 3  # held back: sent one by one after server restarts
     result_bytes: int = 20_000  # each main turn's tool result (~5k tokens)
     classifier_after: tuple[int, ...] = (2, 4, 6, 8, 10, 12)
