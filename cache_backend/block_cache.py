@@ -2,7 +2,10 @@
 
 The same snapshot points as the snapshot cache (end of system + tools, end of prompt, after
 generation, partial prefills), but each save stores only the blocks that are new, and a lookup
-walks block keys instead of comparing the prompt with every stored snapshot. Used for models
+walks block keys instead of comparing the prompt with every stored snapshot. The cache the last
+request ended with is kept as it is: the next turn of that conversation continues it without a
+copy (rewound to where the prompts diverge), and any other prompt reuses its memory for the
+cache it assembles from blocks (no fresh allocation, which costs page faults here). Used for models
 whose caches are all plain `KVCache` layers; the server falls back to `SnapshotCache` otherwise.
 """
 
@@ -13,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from cache_backend.kv_block_files import BlockFiles
 from cache_backend.kv_blocks import DEFAULT_BLOCK_TOKENS, BlockStore, chain_seed
 from cache_backend.kv_disk import model_fingerprint
+from cache_backend.kv_snapshots import common_prefix_len
 from cache_backend.prefix_cache import PrefixCache, Restored, SaveKind
 from cache_backend.prompt import RenderedPrompt
 
@@ -51,14 +55,26 @@ class BlockCache(PrefixCache):
         self._prefix_end = 0
         self._written_before = 0
         self.last_request_bytes_written = 0
+        # The cache the last request ended with, and its tokens: the next turn of the same
+        # conversation continues it as it is (no copy); another prompt reuses its memory.
+        self._live: tuple[np.ndarray, list[Any]] | None = None
+        self.continued = 0
 
     def restore(self, model: Any, prompt: RenderedPrompt) -> Restored:
         self._prefix_end = prompt.prefix_end
         self._request_started()
         tokens = np.asarray(prompt.tokens, dtype=np.int32)
         match = self.store.lookup(tokens)
+        live, self._live = self._live, None
+        if live is not None:
+            n = min(common_prefix_len(live[0], tokens), len(tokens) - 1)
+            if n > 0 and n >= match.length:
+                trim_prompt_cache(live[1], live[1][0].offset - n)
+                self.continued += 1
+                return Restored(cache=live[1], n_restored=n)
         if match.length:
-            caches, n, resumed = self.store.restore(match, room=len(tokens) - match.length)
+            reuse = live[1] if live is not None else None
+            caches, n, resumed = self.store.restore(match, room=len(tokens) - match.length, reuse=reuse)
             if n:
                 return Restored(cache=caches, n_restored=n, resumed=resumed)
         return Restored(cache=make_prompt_cache(model), n_restored=0)
@@ -72,6 +88,8 @@ class BlockCache(PrefixCache):
     def save(self, tokens: Sequence[int], cache: list[Any], kind: SaveKind) -> None:
         protected = self._prefix_end if 0 < self._prefix_end <= len(tokens) else 0
         self.store.put(tokens, cache, kind=kind, protected=protected)
+        if kind == "generation":  # the engine lets go of the cache after this save
+            self._live = (np.asarray(tokens, dtype=np.int32), cache)
 
     def _request_started(self) -> None:
         # Writes are asynchronous: what a request's saves wrote shows when the next one starts.
@@ -119,6 +137,10 @@ class BlockCache(PrefixCache):
             "disk_bytes_written_by_request": disk.written_by_request.snapshot() if disk else {},
             "disk_budget_bytes": s.disk_budget if disk else 0,
             "blocks_created": s.created,
+            # The last request's cache, kept for the next turn of its conversation: RAM on top
+            # of memory_budget_bytes (the same a request holds while it runs).
+            "live_cache_bytes": sum(c.nbytes for c in live[1]) if (live := self._live) is not None else 0,
+            "continued": self.continued,
             "evictions": s.evictions,
             "superseded": s.superseded,
             "bad_files_removed": disk.removed_bad if disk else 0,

@@ -322,6 +322,7 @@ class Engine:
         p = job.params
         prompt = job.prompt.tokens
         restored = self._restore(job.prompt)
+        t_restored = time.monotonic()
         cache, n_restored = restored.cache, restored.n_restored
         job.restored, job.resumed = n_restored, restored.resumed
         if restored.resumed:
@@ -336,6 +337,7 @@ class Engine:
         deadline = t0 + p.deadline_s if p.deadline_s else None
 
         logits = self._prefill(job, cache, n_restored)
+        t_fed = time.monotonic()
         self.prefix_cache.save(prompt, cache, "prompt")
         t_prefill = time.monotonic()
 
@@ -401,7 +403,7 @@ class Engine:
         n_dec = max(len(out) - 1, 0)
         log.info(
             "request %s prompt=%d restored=%d prefilled=%d ttft=%s output=%d stop=%s prefill=%.2fs decode=%.1ftok/s "
-            "queued=%.2fs",
+            "queued=%.2fs restore=%.3fs save=%.3fs",
             job.request_id,
             len(prompt),
             n_restored,
@@ -412,6 +414,8 @@ class Engine:
             t_prefill - t0,
             n_dec / (t1 - t_prefill) if t1 > t_prefill and n_dec else 0.0,
             t0 - job.created,
+            t_restored - t0,
+            t_prefill - t_fed,
         )
         if self.metrics is not None:
             self.metrics.observe(len(prompt), n_restored, len(out), ttft)

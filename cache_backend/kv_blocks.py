@@ -12,10 +12,14 @@ number of stored prompts. Where the chain stops, the children of the last matchi
 blocks and tails, usually one or two) are compared token by token, so a prompt that diverges
 mid-block still gets every shared token.
 
-Restore concatenates the chain's arrays into one contiguous cache with room for the rest of the
-prompt: one pass over the restored bytes, and the prefill then appends in place. (The snapshot
-store handed out views of a frozen snapshot instead, but mlx-lm's KVCache copied the whole cache
-at its first append, because the view had no room: a warm turn made that pass anyway.)
+Restore allocates one contiguous cache per layer, with room for the rest of the prompt, and
+copies the chain's blocks into it through NumPy views (two threads; blocks on disk are read
+straight from their files into it, checksum included): one pass over the restored bytes, and the
+prefill then appends in place. The snapshot store handed out views of a frozen snapshot instead,
+but mlx-lm's KVCache copied the whole cache at its first append because the view had no room, so
+a warm turn made that pass anyway; MLX's own concatenate copies at about half NumPy's speed here.
+A block restored from disk comes back into memory from the live cache after the answer (a
+"generation" save), not during the restore, so the first token does not wait for that copy.
 
 Why not paged attention: mlx-lm's attention wants one contiguous K/V array per layer, so blocks
 are the unit of storage and sharing, and the live cache stays contiguous.
@@ -180,12 +184,15 @@ class BlockStore:
 
     # -- restore --------------------------------------------------------------------------------
 
-    def restore(self, match: Match, room: int) -> tuple[list[KVCache], int, bool]:
+    def restore(
+        self, match: Match, room: int, reuse: Sequence[KVCache] | None = None
+    ) -> tuple[list[KVCache], int, bool]:
         """One contiguous cache per layer for the match, with `room` free positions after it.
 
         Returns (caches, tokens restored, resumed). Blocks on disk are read straight into the
         cache and checked; the restore stops before the first that cannot be read, which is
-        removed with what hangs off it.
+        removed with what hangs off it. `reuse`: a cache nobody holds any more whose arrays may
+        be overwritten, if they are large enough.
         """
         parts = list(match.parts)
         if not parts:
@@ -194,7 +201,7 @@ class BlockStore:
         if layout is None:
             self._remove_subtree(parts[0][0])
             return [], 0, False
-        caches, views = _allocate(layout, match.length + room)
+        caches, views = _allocate(layout, match.length + room, reuse)
         starts = list(itertools.accumulate((n for _, n in parts), initial=0))
         jobs = [
             self._pool.submit(self._fill, block, n, views, at) for (block, n), at in zip(parts, starts, strict=False)
@@ -437,26 +444,56 @@ def as_numpy(a: mx.array) -> np.ndarray:
     return np.asarray(memoryview(a))
 
 
-def _allocate(layout: Layout, capacity: int) -> tuple[list[KVCache], list[tuple[np.ndarray, np.ndarray]]]:
-    """Empty caches with room for `capacity` positions, and writable NumPy views of their arrays.
+def _allocate(
+    layout: Layout, capacity: int, reuse: Sequence[KVCache] | None = None
+) -> tuple[list[KVCache], list[tuple[np.ndarray, np.ndarray]]]:
+    """Caches with room for `capacity` positions, and writable NumPy views of their arrays.
 
     Writing through the views fills the MLX arrays in place (MLX documents NumPy views of its
     arrays as shared memory): one pass over the restored bytes, from memory or straight from disk.
+    The arrays of `reuse` are taken when they fit (what lies past the restored positions is never
+    read), else new ones are allocated.
     """
     capacity = -(-capacity // _STEP) * _STEP
-    caches, views = [], []
-    for heads, k_dim, v_dim, dtype in layout:
-        store = mx.uint16 if dtype == mx.bfloat16 else dtype
-        c = KVCache()
-        c.keys = mx.zeros((1, heads, capacity, k_dim), store)
-        c.values = mx.zeros((1, heads, capacity, v_dim), store)
-        caches.append(c)
-    mx.eval([x for c in caches for x in (c.keys, c.values)])
+    if reuse is not None and _fits(reuse, layout, capacity):
+        caches = [KVCache() for _ in layout]
+        for c, old in zip(caches, reuse, strict=True):
+            c.keys, c.values = old.keys, old.values
+    else:
+        caches = []
+        for heads, k_dim, v_dim, dtype in layout:
+            store = mx.uint16 if dtype == mx.bfloat16 else dtype
+            c = KVCache()
+            c.keys = mx.zeros((1, heads, capacity, k_dim), store)
+            c.values = mx.zeros((1, heads, capacity, v_dim), store)
+            caches.append(c)
+        mx.eval([x for c in caches for x in (c.keys, c.values)])
+    views = []
     for c, (*_, dtype) in zip(caches, layout, strict=True):
+        if dtype == mx.bfloat16 and c.keys.dtype == mx.bfloat16:
+            c.keys, c.values = c.keys.view(mx.uint16), c.values.view(mx.uint16)
+            mx.eval(c.keys, c.values)
         views.append((np.asarray(memoryview(c.keys)), np.asarray(memoryview(c.values))))
         if dtype == mx.bfloat16:
             c.keys, c.values = c.keys.view(mx.bfloat16), c.values.view(mx.bfloat16)
     return caches, views
+
+
+def _fits(reuse: Sequence[KVCache], layout: Layout, capacity: int) -> bool:
+    if len(reuse) != len(layout):
+        return False
+    for c, (heads, k_dim, v_dim, dtype) in zip(reuse, layout, strict=True):
+        if type(c) is not KVCache or c.keys is None or c.keys.dtype != dtype or c.values.dtype != dtype:
+            return False
+        if c.keys.shape[:2] != (1, heads) or c.keys.shape[2] < capacity or c.keys.shape[3] != k_dim:
+            return False
+        if c.values.shape != (*c.keys.shape[:3], v_dim):
+            return False
+        if not (
+            np.asarray(memoryview(c.keys)).flags.c_contiguous and np.asarray(memoryview(c.values)).flags.c_contiguous
+        ):
+            return False
+    return True
 
 
 def _finish(caches: list[KVCache]) -> list[KVCache]:

@@ -53,11 +53,12 @@ def live_cache(tokens: int, layers: int, heads: int, dim: int, dtype: mx.Dtype, 
     return out
 
 
-def timed(fn, repeat: int = 3) -> tuple[float, Any]:
+def timed(fn, *args: Any, repeat: int = 3, **kwargs: Any) -> tuple[float, Any]:
+    """Median seconds of `fn(*args, **kwargs)` over `repeat` calls, and its last result."""
     times, result = [], None
     for _ in range(repeat):
         t = time.perf_counter()
-        result = fn()
+        result = fn(*args, **kwargs)
         times.append(time.perf_counter() - t)
     return statistics.median(times), result
 
@@ -92,7 +93,7 @@ def block_size_sweep(args: argparse.Namespace, work: Path) -> list[dict[str, Any
         warm_written = disk.bytes_written - written0
         prompt = tokens[: n + 1024]
         match = store.lookup(prompt)
-        restore_mem, (caches, got, _) = timed(lambda: store.restore(match, room=1))
+        restore_mem, (caches, got, _) = timed(store.restore, match, room=1)
         assert got == n + 1023, got
         del caches
         disk.close()
@@ -141,8 +142,8 @@ def lookup_scaling(counts: list[int], repeats: int = 20) -> list[dict[str, Any]]
             blocks.put(conv, live, "generation")
             snaps.put(conv, live, "generation")
         prompt = np.concatenate([convs[count // 2], rng.integers(100, 40000, 200).astype(np.int32)])
-        t_blocks, match = timed(lambda: blocks.lookup(prompt), repeats)
-        t_snaps, hit = timed(lambda: snaps.lookup(prompt), repeats)
+        t_blocks, match = timed(blocks.lookup, prompt, repeat=repeats)
+        t_snaps, hit = timed(snaps.lookup, prompt, repeat=repeats)
         assert match.length == hit.length == len(convs[0]), (match.length, hit.length)
         rows.append({"conversations": count, "blocks_lookup_ms": t_blocks * 1e3, "snapshots_lookup_ms": t_snaps * 1e3})
     return rows

@@ -13,7 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from test_kv_snapshots import LAST_LOGITS, cold, greedy, model, tokens  # noqa: F401
 
 from cache_backend.kv_block_files import BlockFiles
-from cache_backend.kv_blocks import BlockStore, chain_keys, chain_seed, unique_in_trie
+from cache_backend.kv_blocks import BlockStore, as_numpy, chain_keys, chain_seed, unique_in_trie
 from cache_backend.kv_disk import model_fingerprint
 
 SIZE = 64
@@ -159,3 +159,39 @@ def test_block_size_is_checked(size: int) -> None:
 
     with pytest.raises(ValueError, match="block size"):
         BlockCache(2**20, block_size=size)
+
+
+def test_the_last_conversation_continues_without_a_copy_and_others_reuse_its_memory(model, tokens) -> None:
+    from cache_backend.block_cache import BlockCache
+    from cache_backend.prompt import RenderedPrompt
+
+    cache = BlockCache(2**30, block_size=SIZE)
+
+    def serve(prompt: list[int], n: int = 8) -> tuple[list[int], int, list]:
+        restored = cache.restore(
+            model, RenderedPrompt(tokens=prompt, prefix_end=0, message_ends=(), generation_start=len(prompt))
+        )
+        out = greedy(model, restored.cache, prompt[restored.n_restored :], n)
+        cache.save(prompt + out[:-1], restored.cache, "generation")
+        return out, restored.n_restored, restored.cache
+
+    first = tokens(300)
+    out, _, live = serve(first)
+    keys_before = live[0].keys
+    # The next turn diverges inside the answer (a replay): the live cache is rewound, not copied.
+    second = first + out[:3] + tokens(40)
+    got, restored, cont = serve(second)
+    assert restored == len(first) + 3 and cont is live and cont[0].keys is not None
+    assert got == cold(model, second, 8) and cache.continued == 1
+    # A prompt that shares a rewound prefix of the last conversation still continues it.
+    branch = first[:200] + tokens(30)
+    got, restored, cont = serve(branch)
+    assert restored == 200 and cont is live and got == cold(model, branch, 8)
+    # Another, longer conversation, then back: assembled from blocks into the memory it left.
+    _, _, other = serve(tokens(900), n=2)
+    address = as_numpy(other[0].keys).__array_interface__["data"][0]
+    back = first + out[:3] + tokens(60)
+    got, restored, caches = serve(back)
+    assert restored == len(first) + 3 and got == cold(model, back, 8)
+    assert caches is not other and as_numpy(caches[0].keys).__array_interface__["data"][0] == address
+    del keys_before

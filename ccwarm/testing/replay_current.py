@@ -65,4 +65,3 @@ def current_session(spec: CurrentReplaySpec) -> tuple[list[Step], list[Step]]:
 
 def _capped(req: Request, max_tokens: int) -> Request:
     return Request(body=dict(req.body, max_tokens=max_tokens), headers=req.headers, label=req.label)
-
