@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from cache_backend import cpu_attention
@@ -77,6 +77,28 @@ def _rewind(cache: list[Any], pos: int) -> bool:
                 return False
             layer.trim(extra)
     return True
+
+
+DECODE_ROOM = 512  # positions reserved past the prompt: a short answer decodes without a reallocation
+
+
+def _reserve(cache: list[Any], total: int) -> None:
+    """Give each plain KVCache layer room for `total` positions, in one reallocation.
+
+    mlx-lm's KVCache grows by the size of each append (rounded up to 256 positions) and copies
+    the whole cache every time it grows: a prefill in chunks copied it once per chunk, which cost
+    more than the prefill itself on a warm 60k-token turn. A growing cache also gets 1/8 of its
+    length as headroom, so the next few turns of a conversation usually fit without a copy.
+    Other cache types keep their own rules.
+    """
+    grow = [c for c in cache if type(c) is KVCache and c.keys is not None and c.keys.shape[2] < total]
+    for c in grow:
+        room = -(-max(total, c.offset + c.offset // 8) // c.step) * c.step - c.offset
+        k, v = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+        c.keys = mx.concatenate([k, mx.zeros((*k.shape[:2], room, k.shape[3]), k.dtype)], axis=2)
+        c.values = mx.concatenate([v, mx.zeros((*v.shape[:2], room, v.shape[3]), v.dtype)], axis=2)
+    if grow:
+        mx.eval([x for c in grow for x in (c.keys, c.values)])
 
 
 class Engine:
@@ -252,9 +274,10 @@ class Engine:
         pos = saved = start
         chunk = min(self.prefill_chunk, 32)
         t_saved = t_logged = time.monotonic()
-        # Each periodic save doubles the wait for the next: a save writes the whole prefix (600 MB
-        # at 12k tokens of the bundled model), so fixed 30 s saves took CPU from the prefill on 2
-        # cores, while doubling still bounds what a crash loses to about half of the work done.
+        # Each periodic save doubles the wait for the next: a whole-snapshot save writes the whole
+        # prefix (600 MB at 12k tokens of the bundled model), so fixed 30 s saves took CPU from the
+        # prefill on 2 cores, while doubling still bounds what a crash loses to about half of the
+        # work done. (The block store writes only the new blocks; the doubling costs it nothing.)
         interval = self.checkpoint_seconds
         checks = [0]  # cancel checks made inside the current forward pass
         in_pass = False
@@ -272,6 +295,7 @@ class Engine:
                         end = p
                         break
                 t = time.monotonic()
+                _reserve(cache, total + DECODE_ROOM)
                 checks[0] = 0
                 in_pass = True
                 with cpu_attention.between_layers(check):
@@ -311,6 +335,7 @@ class Engine:
                 self.prefix_cache.save(tokens[:pos], cache, "partial")
                 log.info("request %s kept its partial prefill: %d of %d tokens", job.request_id, pos, total)
             raise
+        _reserve(cache, total + DECODE_ROOM)
         logits = self.model(mx.array(tokens[last:])[None], cache=cache)[:, -1, :]
         mx.eval(logits)
         job.prefilled += 1
