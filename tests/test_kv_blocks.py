@@ -195,3 +195,19 @@ def test_the_last_conversation_continues_without_a_copy_and_others_reuse_its_mem
     assert restored == len(first) + 3 and got == cold(model, back, 8)
     assert caches is not other and as_numpy(caches[0].keys).__array_interface__["data"][0] == address
     del keys_before
+
+
+def test_reserve_grows_a_cache_once_and_keeps_what_it_holds(model, tokens) -> None:
+    from cache_backend.engine import _reserve
+
+    prompt = tokens(700)
+    cache = make_prompt_cache(model)
+    greedy(model, cache, prompt[:100], 1)
+    held = [np.array(c.keys[..., : c.offset, :]) for c in cache]
+    _reserve(cache, 700)
+    capacity = [c.keys.shape[2] for c in cache]
+    assert all(n >= 700 for n in capacity)
+    assert all(np.array_equal(np.array(c.keys[..., : len(h[0, 0]), :]), h) for c, h in zip(cache, held))
+    for start in range(101, 700, 150):  # chunks append in place: no reallocation
+        greedy(model, cache, prompt[start : start + 150], 1)
+    assert [c.keys.shape[2] for c in cache] == capacity
