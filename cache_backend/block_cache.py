@@ -20,7 +20,7 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from cache_backend.kv_block_files import BlockFiles
 from cache_backend.kv_blocks import DEFAULT_BLOCK_TOKENS, BlockStore, chain_seed
-from cache_backend.kv_disk import model_fingerprint
+from cache_backend.kv_files import model_fingerprint
 from cache_backend.kv_snapshots import common_prefix_len
 from cache_backend.prefix_cache import PrefixCache, Restored, SaveKind
 from cache_backend.prompt import RenderedPrompt

@@ -35,8 +35,9 @@ import numpy as np
 import xxhash
 
 from cache_backend import files
-from cache_backend.kv_blocks import Block, BlockArrays, Layout, as_numpy, block_key
-from cache_backend.kv_disk import BytesByRequest, array_bytes, safetensors_header
+from cache_backend.kv_arrays import BlockArrays, Layout, Views, as_numpy
+from cache_backend.kv_blocks import Block, block_key
+from cache_backend.kv_files import BytesByRequest, array_bytes, safetensors_header
 
 FORMAT = "ccwarm-kv-block/1"
 
@@ -213,7 +214,7 @@ class BlockFiles:
             self._bad(block.key, str(e))
             return None
 
-    def read_into(self, block: Block, n: int, views: list[tuple[np.ndarray, np.ndarray]], at: int) -> bool:
+    def read_into(self, block: Block, n: int, views: Views, at: int) -> bool:
         """Copy the block's first `n` positions into `views` at position `at`, straight from its
         file, checking its key and checksum; False (and the file removed) if it is unusable.
 

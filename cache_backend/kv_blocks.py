@@ -47,15 +47,13 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from cache_backend.kv_arrays import BlockArrays, Layout, Views, allocate, arrays_nbytes, as_numpy, copy_span, finish
 from cache_backend.kv_snapshots import common_prefix_len, tokens_held
 
 if TYPE_CHECKING:
     from cache_backend.kv_block_files import BlockFiles
 
-BlockArrays = list[tuple[mx.array, mx.array]]  # (keys, values) per layer, [1, heads, tokens, dim]
-Layout = list[tuple[int, int, int, Any]]  # per layer: KV heads, key dim, value dim, MLX dtype
 DEFAULT_BLOCK_TOKENS = 256
-_STEP = 256  # mlx-lm KVCache's allocation step: room is handed out in these
 
 
 def blockable(layers: Sequence[Any]) -> bool:
@@ -80,15 +78,6 @@ def chain_keys(seed: bytes, tokens: np.ndarray, size: int) -> list[bytes]:
         parent = block_key(parent, tokens[start : start + size])
         keys.append(parent)
     return keys
-
-
-def copy_span(layers: Sequence[KVCache], start: int, end: int) -> BlockArrays:
-    """Copies (never views: the live cache may be rewound and overwritten) of positions [start, end)."""
-    return [(mx.array(c.keys[..., start:end, :]), mx.array(c.values[..., start:end, :])) for c in layers]
-
-
-def arrays_nbytes(arrays: BlockArrays) -> int:
-    return sum(k.nbytes + v.nbytes for k, v in arrays)
 
 
 @dataclass
@@ -201,7 +190,7 @@ class BlockStore:
         if layout is None:
             self._remove_subtree(parts[0][0])
             return [], 0, False
-        caches, views = _allocate(layout, match.length + room, reuse)
+        caches, views = allocate(layout, match.length + room, reuse)
         starts = list(itertools.accumulate((n for _, n in parts), initial=0))
         jobs = [
             self._pool.submit(self._fill, block, n, views, at) for (block, n), at in zip(parts, starts, strict=False)
@@ -220,14 +209,14 @@ class BlockStore:
             c.offset = length
         last, n = parts[used - 1]
         resumed = used == len(parts) and last.kind == "partial" and n == len(last.tokens)
-        return _finish(caches), length, resumed
+        return finish(caches), length, resumed
 
     def _layout(self, block: Block) -> Layout | None:
         if block.arrays is not None:
             return [(k.shape[1], k.shape[3], v.shape[3], k.dtype) for k, v in block.arrays]
         return self.disk.layout(block) if self.disk is not None else None
 
-    def _fill(self, block: Block, n: int, views: list[tuple[np.ndarray, np.ndarray]], at: int) -> bool:
+    def _fill(self, block: Block, n: int, views: Views, at: int) -> bool:
         """Copy `n` positions of `block` into the cache views at `at` (a worker thread: NumPy only)."""
         arrays = block.arrays
         if arrays is None:
@@ -352,7 +341,9 @@ class BlockStore:
     def _enforce_disk_budget(self) -> None:
         if self.disk is None or self.disk.disk_bytes <= self.disk_budget:
             return
-        on_disk = [b for b in self.blocks.values() if self.disk.has(b.key)]
+        # Only written files count against the budget; a queued block holds the only copy of an
+        # evicted block, so it is never a victim here.
+        on_disk = [b for b in self.blocks.values() if self.disk.durable(b.key)]
         on_disk.sort(key=lambda b: (b.protected, b.last_used, -b.start))
         for victim in on_disk:
             if self.disk.disk_bytes <= self.disk_budget:
@@ -434,68 +425,3 @@ def unique_in_trie(sequences: Sequence[np.ndarray]) -> int:
         shared = common_prefix_len(np.asarray(prev), np.asarray(s))
         total += len(s) - shared
     return total
-
-
-def as_numpy(a: mx.array) -> np.ndarray:
-    """A NumPy view of an evaluated MLX array (bfloat16 as its 16-bit pattern: NumPy has none)."""
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-        mx.eval(a)
-    return np.asarray(memoryview(a))
-
-
-def _allocate(
-    layout: Layout, capacity: int, reuse: Sequence[KVCache] | None = None
-) -> tuple[list[KVCache], list[tuple[np.ndarray, np.ndarray]]]:
-    """Caches with room for `capacity` positions, and writable NumPy views of their arrays.
-
-    Writing through the views fills the MLX arrays in place (MLX documents NumPy views of its
-    arrays as shared memory): one pass over the restored bytes, from memory or straight from disk.
-    The arrays of `reuse` are taken when they fit (what lies past the restored positions is never
-    read), else new ones are allocated.
-    """
-    capacity = -(-capacity // _STEP) * _STEP
-    if reuse is not None and _fits(reuse, layout, capacity):
-        caches = [KVCache() for _ in layout]
-        for c, old in zip(caches, reuse, strict=True):
-            c.keys, c.values = old.keys, old.values
-    else:
-        caches = []
-        for heads, k_dim, v_dim, dtype in layout:
-            store = mx.uint16 if dtype == mx.bfloat16 else dtype
-            c = KVCache()
-            c.keys = mx.zeros((1, heads, capacity, k_dim), store)
-            c.values = mx.zeros((1, heads, capacity, v_dim), store)
-            caches.append(c)
-        mx.eval([x for c in caches for x in (c.keys, c.values)])
-    views = []
-    for c, (*_, dtype) in zip(caches, layout, strict=True):
-        if dtype == mx.bfloat16 and c.keys.dtype == mx.bfloat16:
-            c.keys, c.values = c.keys.view(mx.uint16), c.values.view(mx.uint16)
-            mx.eval(c.keys, c.values)
-        views.append((np.asarray(memoryview(c.keys)), np.asarray(memoryview(c.values))))
-        if dtype == mx.bfloat16:
-            c.keys, c.values = c.keys.view(mx.bfloat16), c.values.view(mx.bfloat16)
-    return caches, views
-
-
-def _fits(reuse: Sequence[KVCache], layout: Layout, capacity: int) -> bool:
-    if len(reuse) != len(layout):
-        return False
-    for c, (heads, k_dim, v_dim, dtype) in zip(reuse, layout, strict=True):
-        if type(c) is not KVCache or c.keys is None or c.keys.dtype != dtype or c.values.dtype != dtype:
-            return False
-        if c.keys.shape[:2] != (1, heads) or c.keys.shape[2] < capacity or c.keys.shape[3] != k_dim:
-            return False
-        if c.values.shape != (*c.keys.shape[:3], v_dim):
-            return False
-        if not (
-            np.asarray(memoryview(c.keys)).flags.c_contiguous and np.asarray(memoryview(c.values)).flags.c_contiguous
-        ):
-            return False
-    return True
-
-
-def _finish(caches: list[KVCache]) -> list[KVCache]:
-    mx.eval([x for c in caches for x in (c.keys, c.values)])
-    return caches

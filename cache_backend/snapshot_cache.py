@@ -14,7 +14,8 @@ from typing import Any
 from mlx_lm.models.cache import make_prompt_cache
 
 from cache_backend.kv_blocks import unique_in_trie
-from cache_backend.kv_disk import DiskTier, model_fingerprint
+from cache_backend.kv_disk import DiskTier
+from cache_backend.kv_files import model_fingerprint
 from cache_backend.kv_snapshots import SnapshotStore
 from cache_backend.prefix_cache import PrefixCache, Restored, SaveKind
 from cache_backend.prompt import RenderedPrompt

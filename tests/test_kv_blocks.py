@@ -12,9 +12,10 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from test_kv_snapshots import LAST_LOGITS, cold, greedy, model, tokens  # noqa: F401
 
+from cache_backend.kv_arrays import as_numpy
 from cache_backend.kv_block_files import BlockFiles
-from cache_backend.kv_blocks import BlockStore, as_numpy, chain_keys, chain_seed, unique_in_trie
-from cache_backend.kv_disk import model_fingerprint
+from cache_backend.kv_blocks import BlockStore, chain_keys, chain_seed, unique_in_trie
+from cache_backend.kv_files import model_fingerprint
 
 SIZE = 64
 
@@ -211,3 +212,23 @@ def test_reserve_grows_a_cache_once_and_keeps_what_it_holds(model, tokens) -> No
     for start in range(101, 700, 150):  # chunks append in place: no reallocation
         greedy(model, cache, prompt[start : start + 150], 1)
     assert [c.keys.shape[2] for c in cache] == capacity
+
+
+def test_a_queued_block_survives_memory_and_disk_budgets(model, tokens, tmp_path: Path) -> None:
+    """Evicted from memory while its write is still queued, a block exists only in the queue: the
+    disk budget must not take it (the soak lost main turns that way)."""
+    disk = BlockFiles(tmp_path, "test-model", SIZE, write_delay=0.0, tail_delay=0.0)
+    store = BlockStore(seed=chain_seed("test-model", SIZE), memory_budget=2**30, size=SIZE, disk=disk,
+                       disk_budget=2**30)  # fmt: skip
+    system = tokens(256)
+    turn(model, store, system, protected=256, n=2)  # durable, protected: the budget's last resort
+    disk.flush()
+    disk.write_delay = disk.tail_delay = 30.0
+    store.memory_budget, store.disk_budget = 1, 0
+    prompt = tokens(300)
+    out = turn(model, store, prompt)  # evicted from memory at once, its writes still queued
+    assert store.memory_bytes <= 1 and disk.pending_bytes > 0
+    nxt = prompt + out + tokens(20)
+    got, restored = warm(model, store, nxt)
+    assert restored == len(prompt) + len(out) - 1 and got == cold(model, nxt, 8)
+    disk.close()

@@ -17,7 +17,8 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from test_kv_snapshots import cold, conversation_turn, feed, model, tokens, warm  # noqa: F401
 
-from cache_backend.kv_disk import FORMAT, DiskTier, model_fingerprint
+from cache_backend.kv_disk import FORMAT, DiskTier
+from cache_backend.kv_files import model_fingerprint
 from cache_backend.kv_snapshots import SnapshotStore
 
 GB = 2**30

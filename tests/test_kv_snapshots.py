@@ -11,7 +11,8 @@ import pytest
 from mlx_lm import load
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
-from cache_backend.kv_disk import DiskTier, model_fingerprint
+from cache_backend.kv_disk import DiskTier
+from cache_backend.kv_files import model_fingerprint
 from cache_backend.kv_snapshots import SnapshotStore
 
 

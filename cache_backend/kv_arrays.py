@@ -1,0 +1,95 @@
+"""Moving K/V between mlx-lm caches and blocks: copies out of a live cache, and one contiguous
+cache filled in place from blocks (in memory or straight from their files).
+
+Why NumPy: MLX documents NumPy views of its arrays as shared memory, so a cache allocated once
+can be filled through views, from two threads (NumPy copies release the GIL), at about twice the
+speed of MLX's own concatenate on this CPU, and a file can be read straight into it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+BlockArrays = list[tuple[mx.array, mx.array]]  # (keys, values) per layer, [1, heads, tokens, dim]
+Layout = list[tuple[int, int, int, Any]]  # per layer: KV heads, key dim, value dim, MLX dtype
+Views = list[tuple[np.ndarray, np.ndarray]]  # writable NumPy views of a cache's keys and values
+STEP = 256  # mlx-lm KVCache's allocation step: room is handed out in these
+
+
+def copy_span(layers: Sequence[KVCache], start: int, end: int) -> BlockArrays:
+    """Copies (never views: the live cache may be rewound and overwritten) of positions [start, end)."""
+    return [(mx.array(c.keys[..., start:end, :]), mx.array(c.values[..., start:end, :])) for c in layers]
+
+
+def arrays_nbytes(arrays: BlockArrays) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in arrays)
+
+
+def as_numpy(a: mx.array) -> np.ndarray:
+    """A NumPy view of an evaluated MLX array (bfloat16 as its 16-bit pattern: NumPy has none)."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+        mx.eval(a)
+    return np.asarray(memoryview(a))
+
+
+def allocate(
+    layout: Layout, capacity: int, reuse: Sequence[KVCache] | None = None
+) -> tuple[list[KVCache], list[tuple[np.ndarray, np.ndarray]]]:
+    """Caches with room for `capacity` positions, and writable NumPy views of their arrays.
+
+    Writing through the views fills the MLX arrays in place (MLX documents NumPy views of its
+    arrays as shared memory): one pass over the restored bytes, from memory or straight from disk.
+    The arrays of `reuse` are taken when they fit (what lies past the restored positions is never
+    read), else new ones are allocated.
+    """
+    capacity = -(-capacity // STEP) * STEP
+    if reuse is not None and fits(reuse, layout, capacity):
+        caches = [KVCache() for _ in layout]
+        for c, old in zip(caches, reuse, strict=True):
+            c.keys, c.values = old.keys, old.values
+    else:
+        caches = []
+        for heads, k_dim, v_dim, dtype in layout:
+            store = mx.uint16 if dtype == mx.bfloat16 else dtype
+            c = KVCache()
+            c.keys = mx.zeros((1, heads, capacity, k_dim), store)
+            c.values = mx.zeros((1, heads, capacity, v_dim), store)
+            caches.append(c)
+        mx.eval([x for c in caches for x in (c.keys, c.values)])
+    views = []
+    for c, (*_, dtype) in zip(caches, layout, strict=True):
+        if dtype == mx.bfloat16 and c.keys.dtype == mx.bfloat16:
+            c.keys, c.values = c.keys.view(mx.uint16), c.values.view(mx.uint16)
+            mx.eval(c.keys, c.values)
+        views.append((np.asarray(memoryview(c.keys)), np.asarray(memoryview(c.values))))
+        if dtype == mx.bfloat16:
+            c.keys, c.values = c.keys.view(mx.bfloat16), c.values.view(mx.bfloat16)
+    return caches, views
+
+
+def fits(reuse: Sequence[KVCache], layout: Layout, capacity: int) -> bool:
+    if len(reuse) != len(layout):
+        return False
+    for c, (heads, k_dim, v_dim, dtype) in zip(reuse, layout, strict=True):
+        if type(c) is not KVCache or c.keys is None or c.keys.dtype != dtype or c.values.dtype != dtype:
+            return False
+        if c.keys.shape[:2] != (1, heads) or c.keys.shape[2] < capacity or c.keys.shape[3] != k_dim:
+            return False
+        if c.values.shape != (*c.keys.shape[:3], v_dim):
+            return False
+        if not (
+            np.asarray(memoryview(c.keys)).flags.c_contiguous and np.asarray(memoryview(c.values)).flags.c_contiguous
+        ):
+            return False
+    return True
+
+
+def finish(caches: list[KVCache]) -> list[KVCache]:
+    mx.eval([x for c in caches for x in (c.keys, c.values)])
+    return caches
