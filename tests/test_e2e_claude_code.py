@@ -17,6 +17,7 @@ import shutil
 
 import pytest
 
+from ccwarm.testing import e2e_script as scenario
 from scripts import e2e_claude_code as e2e
 
 pytestmark = [
@@ -37,7 +38,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def probed(cli, tmp_path_factory):
-    return e2e.probe_tools(cli, tmp_path_factory.mktemp("e2e-probe"))
+    return scenario.probe_tools(cli, tmp_path_factory.mktemp("e2e-probe"))
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +66,22 @@ def test_every_turn_answered_and_final_answer_on_stdout(result) -> None:
     for name in ("normalize_on", "normalize_off"):
         run = result["runs"][name]
         turns = {t["label"]: t for t in run["turns"]}
-        assert len(turns) == len(e2e.SESSION_A) + len(e2e.SESSION_B), name
+        assert len(turns) == len(scenario.SESSION_A) + len(scenario.SESSION_B), name
         assert all(t["rc"] == 0 for t in turns.values()), turns
-        assert e2e.FINAL_ANSWER in turns["A5 final"]["stdout"]
-        assert e2e.NEW_SESSION_ANSWER in turns["B1 new session"]["stdout"]
+        assert scenario.FINAL_ANSWER in turns["A5 final"]["stdout"]
+        assert scenario.NEW_SESSION_ANSWER in turns["B1 new session"]["stdout"]
 
 
 def test_tools_deferred_tool_and_background_subagent_went_through_the_chain(result) -> None:
     for name in ("normalize_on", "normalize_off"):
         reqs = result["runs"][name]["requests"]
         calls = [c for r in reqs for c in r["tool_calls"]]
-        for tool in ("Bash", "Read", "ToolSearch", e2e.DEFERRED_TOOL):
+        for tool in ("Bash", "Read", "ToolSearch", scenario.DEFERRED_TOOL):
             assert tool in calls, (name, calls)
         assert any(c in ("Agent", "Task") for c in calls), (name, calls)
         sub = [r for r in reqs if r["kind"] == "subagent"]
         assert len(sub) >= 2 and all(r["agent_id"] for r in sub), (name, sub)
-        assert not any(e2e.UNSCRIPTED in (r["reply"] or "") for r in reqs), (
+        assert not any(scenario.UNSCRIPTED in (r["reply"] or "") for r in reqs), (
             f"{name}: a request matched no scripted reply"
         )
         assert all(r["status"] == 200 for r in reqs), [(r["n"], r["status"]) for r in reqs]
@@ -111,7 +112,7 @@ def test_warm_main_turns_prefill_no_more_than_the_ideal(result) -> None:
     for r in warm:
         assert r["restored"] >= r["system_tools"], r
         assert r["prefilled"] <= 1.05 * r["ideal_prefilled"] + 2, r
-    loaded = [r for r in warm if e2e.DEFERRED_TOOL in r["tool_calls"]]
+    loaded = [r for r in warm if scenario.DEFERRED_TOOL in r["tool_calls"]]
     assert loaded, "the deferred tool was never called"
 
 
