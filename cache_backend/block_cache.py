@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
+from cache_backend.kv_arrays import DECODE_ROOM
 from cache_backend.kv_block_files import BlockFiles
 from cache_backend.kv_blocks import DEFAULT_BLOCK_TOKENS, BlockStore, chain_seed
 from cache_backend.kv_files import model_fingerprint
@@ -74,7 +75,8 @@ class BlockCache(PrefixCache):
                 return Restored(cache=live[1], n_restored=n)
         if match.length:
             reuse = live[1] if live is not None else None
-            caches, n, resumed = self.store.restore(match, room=len(tokens) - match.length, reuse=reuse)
+            room = len(tokens) - match.length + DECODE_ROOM  # the engine never has to grow it
+            caches, n, resumed = self.store.restore(match, room=room, reuse=reuse)
             if n:
                 return Restored(cache=caches, n_restored=n, resumed=resumed)
         return Restored(cache=make_prompt_cache(model), n_restored=0)

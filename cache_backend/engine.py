@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from cache_backend import cpu_attention
@@ -46,6 +46,7 @@ from cache_backend.jobs import (
     Progress,
     Started,
 )
+from cache_backend.kv_arrays import DECODE_ROOM, reserve
 from cache_backend.metrics import RequestRecord, ServerMetrics
 from cache_backend.output import Cause, OutputAssembler
 from cache_backend.prefix_cache import NoCache, PrefixCache, Restored
@@ -77,28 +78,6 @@ def _rewind(cache: list[Any], pos: int) -> bool:
                 return False
             layer.trim(extra)
     return True
-
-
-DECODE_ROOM = 512  # positions reserved past the prompt: a short answer decodes without a reallocation
-
-
-def _reserve(cache: list[Any], total: int) -> None:
-    """Give each plain KVCache layer room for `total` positions, in one reallocation.
-
-    mlx-lm's KVCache grows by the size of each append (rounded up to 256 positions) and copies
-    the whole cache every time it grows: a prefill in chunks copied it once per chunk, which cost
-    more than the prefill itself on a warm 60k-token turn. A growing cache also gets 1/8 of its
-    length as headroom, so the next few turns of a conversation usually fit without a copy.
-    Other cache types keep their own rules.
-    """
-    grow = [c for c in cache if type(c) is KVCache and c.keys is not None and c.keys.shape[2] < total]
-    for c in grow:
-        room = -(-max(total, c.offset + c.offset // 8) // c.step) * c.step - c.offset
-        k, v = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
-        c.keys = mx.concatenate([k, mx.zeros((*k.shape[:2], room, k.shape[3]), k.dtype)], axis=2)
-        c.values = mx.concatenate([v, mx.zeros((*v.shape[:2], room, v.shape[3]), v.dtype)], axis=2)
-    if grow:
-        mx.eval([x for c in grow for x in (c.keys, c.values)])
 
 
 class Engine:
@@ -295,7 +274,7 @@ class Engine:
                         end = p
                         break
                 t = time.monotonic()
-                _reserve(cache, total + DECODE_ROOM)
+                reserve(cache, total + DECODE_ROOM)
                 checks[0] = 0
                 in_pass = True
                 with cpu_attention.between_layers(check):
@@ -335,7 +314,7 @@ class Engine:
                 self.prefix_cache.save(tokens[:pos], cache, "partial")
                 log.info("request %s kept its partial prefill: %d of %d tokens", job.request_id, pos, total)
             raise
-        _reserve(cache, total + DECODE_ROOM)
+        reserve(cache, total + DECODE_ROOM)
         logits = self.model(mx.array(tokens[last:])[None], cache=cache)[:, -1, :]
         mx.eval(logits)
         job.prefilled += 1

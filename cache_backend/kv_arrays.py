@@ -21,6 +21,32 @@ Views = list[tuple[np.ndarray, np.ndarray]]  # writable NumPy views of a cache's
 STEP = 256  # mlx-lm KVCache's allocation step: room is handed out in these
 
 
+DECODE_ROOM = 512  # positions reserved past the prompt: a short answer decodes without a reallocation
+
+
+def capacity(held: int, needed: int) -> int:
+    """Positions to allocate for a cache that holds `held` and must take `needed`: 1/8 of its
+    length as headroom, so the next few turns of a conversation usually fit without a copy."""
+    return -(-max(needed, held + held // 8) // STEP) * STEP
+
+
+def reserve(cache: list[Any], total: int) -> None:
+    """Give each plain KVCache layer room for `total` positions, in one reallocation.
+
+    mlx-lm's KVCache grows by the size of each append (rounded up to 256 positions) and copies
+    the whole cache every time it grows: a prefill in chunks copied it once per chunk, which cost
+    more than the prefill itself on a warm 60k-token turn. Other cache types keep their own rules.
+    """
+    grow = [c for c in cache if type(c) is KVCache and c.keys is not None and c.keys.shape[2] < total]
+    for c in grow:
+        room = capacity(c.offset, total) - c.offset
+        k, v = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+        c.keys = mx.concatenate([k, mx.zeros((*k.shape[:2], room, k.shape[3]), k.dtype)], axis=2)
+        c.values = mx.concatenate([v, mx.zeros((*v.shape[:2], room, v.shape[3]), v.dtype)], axis=2)
+    if grow:
+        mx.eval([x for c in grow for x in (c.keys, c.values)])
+
+
 def copy_span(layers: Sequence[KVCache], start: int, end: int) -> BlockArrays:
     """Copies (never views: the live cache may be rewound and overwritten) of positions [start, end)."""
     return [(mx.array(c.keys[..., start:end, :]), mx.array(c.values[..., start:end, :])) for c in layers]
@@ -39,17 +65,16 @@ def as_numpy(a: mx.array) -> np.ndarray:
 
 
 def allocate(
-    layout: Layout, capacity: int, reuse: Sequence[KVCache] | None = None
+    layout: Layout, positions: int, reuse: Sequence[KVCache] | None = None
 ) -> tuple[list[KVCache], list[tuple[np.ndarray, np.ndarray]]]:
-    """Caches with room for `capacity` positions, and writable NumPy views of their arrays.
+    """Caches with room for `positions` (a multiple of STEP), and writable NumPy views of them.
 
     Writing through the views fills the MLX arrays in place (MLX documents NumPy views of its
     arrays as shared memory): one pass over the restored bytes, from memory or straight from disk.
     The arrays of `reuse` are taken when they fit (what lies past the restored positions is never
     read), else new ones are allocated.
     """
-    capacity = -(-capacity // STEP) * STEP
-    if reuse is not None and fits(reuse, layout, capacity):
+    if reuse is not None and fits(reuse, layout, positions):
         caches = [KVCache() for _ in layout]
         for c, old in zip(caches, reuse, strict=True):
             c.keys, c.values = old.keys, old.values
@@ -58,8 +83,8 @@ def allocate(
         for heads, k_dim, v_dim, dtype in layout:
             store = mx.uint16 if dtype == mx.bfloat16 else dtype
             c = KVCache()
-            c.keys = mx.zeros((1, heads, capacity, k_dim), store)
-            c.values = mx.zeros((1, heads, capacity, v_dim), store)
+            c.keys = mx.zeros((1, heads, positions, k_dim), store)
+            c.values = mx.zeros((1, heads, positions, v_dim), store)
             caches.append(c)
         mx.eval([x for c in caches for x in (c.keys, c.values)])
     views = []
@@ -73,13 +98,13 @@ def allocate(
     return caches, views
 
 
-def fits(reuse: Sequence[KVCache], layout: Layout, capacity: int) -> bool:
+def fits(reuse: Sequence[KVCache], layout: Layout, positions: int) -> bool:
     if len(reuse) != len(layout):
         return False
     for c, (heads, k_dim, v_dim, dtype) in zip(reuse, layout, strict=True):
         if type(c) is not KVCache or c.keys is None or c.keys.dtype != dtype or c.values.dtype != dtype:
             return False
-        if c.keys.shape[:2] != (1, heads) or c.keys.shape[2] < capacity or c.keys.shape[3] != k_dim:
+        if c.keys.shape[:2] != (1, heads) or c.keys.shape[2] < positions or c.keys.shape[3] != k_dim:
             return False
         if c.values.shape != (*c.keys.shape[:3], v_dim):
             return False

@@ -47,7 +47,17 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from cache_backend.kv_arrays import BlockArrays, Layout, Views, allocate, arrays_nbytes, as_numpy, copy_span, finish
+from cache_backend.kv_arrays import (
+    BlockArrays,
+    Layout,
+    Views,
+    allocate,
+    arrays_nbytes,
+    as_numpy,
+    capacity,
+    copy_span,
+    finish,
+)
 from cache_backend.kv_snapshots import common_prefix_len, tokens_held
 
 if TYPE_CHECKING:
@@ -190,7 +200,7 @@ class BlockStore:
         if layout is None:
             self._remove_subtree(parts[0][0])
             return [], 0, False
-        caches, views = allocate(layout, match.length + room, reuse)
+        caches, views = allocate(layout, capacity(match.length, match.length + room), reuse)
         starts = list(itertools.accumulate((n for _, n in parts), initial=0))
         jobs = [
             self._pool.submit(self._fill, block, n, views, at) for (block, n), at in zip(parts, starts, strict=False)

@@ -3,7 +3,8 @@ current CLI's shape (run it with `scripts/bench_cache.py --scenario current`).
 
 The session (ccwarm/testing/replay_current.py): a main thread that grows past 60k tokens, two
 background sub-agents, six classifier checks that share a ~33k-token prefix, replayed with the
-recorded assistant turns, so every generation is a dead branch. Four servers in turn, each on a
+recorded assistant turns (the server's answer is a short scripted text), so every generation is
+a dead branch. Four servers in turn, each on a
 fresh cache folder behind a real mitmdump with the normalize addon: blocks and snapshots, each
 with the disk tier on and off; then the disk-on ones restart on their folder for the held-back
 main turns. Figures, per store:
@@ -20,6 +21,7 @@ main turns. Figures, per store:
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import asdict
@@ -71,12 +73,18 @@ def _rss_mib(pid: int) -> float:
 def run_current(model: str, work: Path, restarts: int, main_turns: int) -> dict[str, Any]:
     spec = CurrentReplaySpec(main_turns=main_turns, extra_main_turns=restarts)
     steps, held_back = current_session(spec)
+    # Every answer is the same short scripted text, fed through the real model: the first token
+    # streams at once (a random model's own first tokens can be held back as a possible tool
+    # call), and it never matches the recorded assistant turn that the next prompt carries.
+    script = work / "current-script.json"
+    script.write_text(json.dumps([{"reply": "Reading the next file."}]))
     results: dict[str, Any] = {"spec": asdict(spec), "variants": {}}
     for store, disk in VARIANTS:
         name = f"{store}, disk {'on' if disk else 'off'}"
         cache_dir = work / f"cache-{store}-{'disk' if disk else 'mem'}"
         server_args = ("--model", model, "--cache-dir", str(cache_dir), "--max-context", "200000",
-                       "--cache-store", store, "--cache-disk", "20GB" if disk else "0")  # fmt: skip
+                       "--cache-store", store, "--cache-disk", "20GB" if disk else "0",
+                       "--test-forced-replies", str(script))  # fmt: skip
         measured: list[Measured] = []
         written: list[int] = []
         print(f"\n== current CLI session, {name}: {len(steps)} requests", flush=True)

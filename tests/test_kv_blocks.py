@@ -199,13 +199,13 @@ def test_the_last_conversation_continues_without_a_copy_and_others_reuse_its_mem
 
 
 def test_reserve_grows_a_cache_once_and_keeps_what_it_holds(model, tokens) -> None:
-    from cache_backend.engine import _reserve
+    from cache_backend.kv_arrays import reserve
 
     prompt = tokens(700)
     cache = make_prompt_cache(model)
     greedy(model, cache, prompt[:100], 1)
     held = [np.array(c.keys[..., : c.offset, :]) for c in cache]
-    _reserve(cache, 700)
+    reserve(cache, 700)
     capacity = [c.keys.shape[2] for c in cache]
     assert all(n >= 700 for n in capacity)
     assert all(np.array_equal(np.array(c.keys[..., : len(h[0, 0]), :]), h) for c, h in zip(cache, held))
