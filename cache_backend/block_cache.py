@@ -54,8 +54,6 @@ class BlockCache(PrefixCache):
         # The model's folder (blocks-<size>/ is inside it): the token logs go there.
         self._disk_root = disk.dir.parent if disk is not None else None
         self._prefix_end = 0
-        self._written_before = 0
-        self.last_request_bytes_written = 0
         # The cache the last request ended with, and its tokens: the next turn of the same
         # conversation continues it as it is (no copy); another prompt reuses its memory.
         self._live: tuple[np.ndarray, list[Any]] | None = None
@@ -94,11 +92,8 @@ class BlockCache(PrefixCache):
             self._live = (np.asarray(tokens, dtype=np.int32), cache)
 
     def _request_started(self) -> None:
-        # Writes are asynchronous: what a request's saves wrote shows when the next one starts.
-        disk = self.store.disk
-        written = disk.bytes_written if disk is not None else 0
-        self.last_request_bytes_written = written - self._written_before
-        self._written_before = written
+        # New blocks are stamped with the request that made them: writes (which land later) are
+        # counted against it in disk_bytes_written_by_request.
         self.store.request += 1
 
     @property
@@ -134,7 +129,6 @@ class BlockCache(PrefixCache):
             "disk_pending_bytes": disk.pending_bytes if disk else 0,
             "disk_bytes_written": disk.bytes_written if disk else 0,
             "disk_blocks_written": disk.blocks_written if disk else 0,
-            "disk_bytes_written_last_request": self.last_request_bytes_written,
             # Request number (1 = the first since start) -> bytes its saves caused to be written.
             "disk_bytes_written_by_request": disk.written_by_request.snapshot() if disk else {},
             "disk_budget_bytes": s.disk_budget if disk else 0,

@@ -108,9 +108,7 @@ def fits(reuse: Sequence[KVCache], layout: Layout, positions: int) -> bool:
             return False
         if c.values.shape != (*c.keys.shape[:3], v_dim):
             return False
-        if not (
-            np.asarray(memoryview(c.keys)).flags.c_contiguous and np.asarray(memoryview(c.values)).flags.c_contiguous
-        ):
+        if not (as_numpy(c.keys).flags.c_contiguous and as_numpy(c.values).flags.c_contiguous):
             return False
     return True
 

@@ -139,8 +139,10 @@ class BlockFiles:
 
     @property
     def pending_bytes(self) -> int:
+        """Queued arrays that only the queue holds (the memory tier let go of them): RAM on top
+        of the memory budget."""
         with self._cond:
-            return sum(b.nbytes for b, _ in self._pending.values())
+            return sum(b.nbytes for b, arrays in self._pending.values() if b.arrays is not arrays)
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -202,7 +204,8 @@ class BlockFiles:
 
     def layout(self, block: Block) -> Layout | None:
         """Per layer (KV heads, key dim, value dim, dtype), from the block's queued arrays or its
-        file's header; None if neither is readable."""
+        file's header; None (and the file removed) if it is unusable. A read error that may pass
+        (out of file handles, an I/O error) is raised as OSError and removes nothing."""
         with self._cond:
             queued = self._pending.get(block.key)
         if queued is not None:
@@ -210,13 +213,19 @@ class BlockFiles:
         try:
             tensors = _tensors(safetensors_header(self.path(block.key)))
             return [(k[2][1], k[2][3], v[2][3], k[1]) for k, v in tensors]
+        except OSError as e:
+            if not isinstance(e, FileNotFoundError):
+                raise
+            self._bad(block.key, str(e))
+            return None
         except Exception as e:  # noqa: BLE001 - an unreadable header is a miss
             self._bad(block.key, str(e))
             return None
 
-    def read_into(self, block: Block, n: int, views: Views, at: int) -> bool:
+    def read_into(self, block: Block, n: int, views: Views, at: int) -> bool | None:
         """Copy the block's first `n` positions into `views` at position `at`, straight from its
-        file, checking its key and checksum; False (and the file removed) if it is unusable.
+        file, checking its key and checksum; False (and the file removed) if it is unusable, None
+        (nothing removed) on a read error that may pass (out of file handles, an I/O error).
 
         Called on restore threads: NumPy and file reads only, no MLX.
         """
@@ -261,6 +270,12 @@ class BlockFiles:
                             d[:, :, at : at + n, :] = target[:, :, :n, :]
             if digest.hexdigest() != meta.get("checksum"):
                 raise ValueError("checksum mismatch: the file was damaged after it was written")
+        except OSError as e:
+            if isinstance(e, FileNotFoundError):
+                self._bad(block.key, str(e))
+                return False
+            log.warning(f"kv cache: cannot read block file {path.name} now ({e}); its span is prefilled")
+            return None
         except Exception as e:  # noqa: BLE001 - any unreadable file is a miss, never a crash
             self._bad(block.key, str(e))
             return False

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from cache_backend.kv_block_files import BlockFiles
 
 DEFAULT_BLOCK_TOKENS = 256
+log = logging.getLogger("ccwarm.kv_blocks")
 
 
 def blockable(layers: Sequence[Any]) -> bool:
@@ -196,7 +198,11 @@ class BlockStore:
         parts = list(match.parts)
         if not parts:
             return [], 0, False
-        layout = self._layout(parts[0][0])
+        try:
+            layout = self._layout(parts[0][0])
+        except OSError as e:  # a read error that may pass: a miss this time, the block stays
+            log.warning(f"kv cache: cannot read a block header now ({e}); prefilling instead")
+            return [], 0, False
         if layout is None:
             self._remove_subtree(parts[0][0])
             return [], 0, False
@@ -206,8 +212,8 @@ class BlockStore:
             self._pool.submit(self._fill, block, n, views, at) for (block, n), at in zip(parts, starts, strict=False)
         ]
         ok = [job.result() for job in jobs]
-        used = ok.index(False) if False in ok else len(parts)
-        if used < len(parts):
+        used = next((i for i, good in enumerate(ok) if good is not True), len(parts))
+        if used < len(parts) and ok[used] is False:  # damaged: it and what continues it go
             self._remove_subtree(parts[used][0])
         now = next(self._clock)
         for block, _ in parts[:used]:
@@ -226,8 +232,9 @@ class BlockStore:
             return [(k.shape[1], k.shape[3], v.shape[3], k.dtype) for k, v in block.arrays]
         return self.disk.layout(block) if self.disk is not None else None
 
-    def _fill(self, block: Block, n: int, views: Views, at: int) -> bool:
-        """Copy `n` positions of `block` into the cache views at `at` (a worker thread: NumPy only)."""
+    def _fill(self, block: Block, n: int, views: Views, at: int) -> bool | None:
+        """Copy `n` positions of `block` into the cache views at `at` (a worker thread: NumPy only);
+        False when its file is damaged, None when it cannot be read now."""
         arrays = block.arrays
         if arrays is None:
             return self.disk.read_into(block, n, views, at) if self.disk is not None else False
@@ -342,10 +349,14 @@ class BlockStore:
             if victim.key not in self.blocks:
                 continue  # went with an evicted ancestor
             self.evictions += 1
+            if self.disk is not None and not self.disk.has(victim.key):
+                # Its file went to the disk budget while it was in memory: written again (the
+                # queue holds it meanwhile), or it and all that continues it would be lost.
+                self.disk.write(victim)
             with self._lock:
                 self.memory_bytes -= victim.nbytes
             victim.arrays = None
-            if self.disk is None or not self.disk.has(victim.key):
+            if self.disk is None:
                 self._remove_subtree(victim)
 
     def _enforce_disk_budget(self) -> None:
@@ -363,7 +374,7 @@ class BlockStore:
             if victim.arrays is None:
                 self._remove_subtree(victim)
             else:
-                self.disk.delete(victim.key)  # stays in memory; written again if it is saved again
+                self.disk.delete(victim.key)  # stays in memory; written again when it is evicted
 
     def _remove(self, block: Block) -> None:
         with self._lock:

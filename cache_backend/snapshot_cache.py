@@ -32,14 +32,10 @@ class SnapshotCache(PrefixCache):
             disk = DiskTier(disk_dir, model_fingerprint(model_dir, disk_dir / "kv" / "weight-hashes.json"), disk_budget)
         self.store = SnapshotStore(memory_budget=memory_budget, disk=disk)
         self._prefix_end = 0
-        self._written_before = 0
-        self.last_request_bytes_written = 0
 
     def _request_started(self) -> None:
-        # Writes are asynchronous: what a request's saves wrote shows when the next one starts.
-        written = self.store.disk.bytes_written if self.store.disk is not None else 0
-        self.last_request_bytes_written = written - self._written_before
-        self._written_before = written
+        # New snapshots are stamped with the request that made them: writes (which land later)
+        # are counted against it in disk_bytes_written_by_request.
         self.store.request += 1
 
     def restore(self, model: Any, prompt: RenderedPrompt) -> Restored:
@@ -96,7 +92,6 @@ class SnapshotCache(PrefixCache):
             # RAM on top of memory_budget_bytes.
             "disk_pending_bytes": disk.pending_bytes if disk else 0,
             "disk_bytes_written": disk.bytes_written if disk else 0,
-            "disk_bytes_written_last_request": self.last_request_bytes_written,
             # Request number (1 = the first since start) -> bytes its saves caused to be written.
             "disk_bytes_written_by_request": disk.written_by_request.snapshot() if disk else {},
             "disk_budget_bytes": disk.budget if disk else 0,

@@ -232,3 +232,87 @@ def test_a_queued_block_survives_memory_and_disk_budgets(model, tokens, tmp_path
     got, restored = warm(model, store, nxt)
     assert restored == len(prompt) + len(out) - 1 and got == cold(model, nxt, 8)
     disk.close()
+
+
+def _synthetic_live(n: int, dtype, seed: int = 0) -> list:
+    """A 2-layer cache of `n` positions with random K/V in `dtype`, as the engine holds one."""
+    from mlx_lm.models.cache import KVCache
+
+    mx.random.seed(seed)
+    layers = []
+    for _ in range(2):
+        c = KVCache()
+        c.keys = mx.random.normal((1, 2, n + 64, 8)).astype(dtype)
+        c.values = mx.random.normal((1, 2, n + 64, 8)).astype(dtype)
+        c.offset = n
+        layers.append(c)
+    mx.eval([x for c in layers for x in (c.keys, c.values)])
+    return layers
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_restores_are_exact_also_into_reused_memory(dtype: str, tmp_path: Path) -> None:
+    dt = getattr(mx, dtype)
+    disk = BlockFiles(tmp_path, "m", 16, write_delay=0.0, tail_delay=0.0)
+    store = BlockStore(seed=chain_seed("m", 16), memory_budget=2**30, size=16, disk=disk, disk_budget=2**30)
+    toks = np.arange(100, 300, dtype=np.int32)
+    live = _synthetic_live(200, dt)
+    store.put(toks, live, "generation")
+    old = _synthetic_live(600, dt, seed=1)  # a finished request's cache, free to be overwritten
+    for source in ("memory", "disk"):
+        if source == "disk":
+            disk.flush()
+            for b in store.blocks.values():
+                store.memory_bytes -= b.nbytes
+                b.arrays = None
+        match = store.lookup(np.concatenate([toks, [7]]))
+        caches, n, _ = store.restore(match, room=10, reuse=old)
+        assert n == 200
+        for c, ref in zip(caches, live):
+            assert mx.array_equal(c.keys[..., :200, :], ref.keys[..., :200, :]).item()
+            assert mx.array_equal(c.values[..., :200, :], ref.values[..., :200, :]).item()
+        old = caches
+    disk.close()
+
+
+def test_a_block_whose_file_the_disk_budget_took_is_written_again_when_evicted(tmp_path: Path) -> None:
+    disk = BlockFiles(tmp_path, "m", 16, write_delay=0.0, tail_delay=0.0)
+    store = BlockStore(seed=chain_seed("m", 16), memory_budget=2**30, size=16, disk=disk, disk_budget=2**30)
+    first = np.arange(1000, 1160, dtype=np.int32)
+    store.put(first, _synthetic_live(160, mx.float16), "generation")
+    disk.flush()
+    store.disk_budget = disk.disk_bytes  # room for one conversation's files
+    second = np.arange(5000, 5160, dtype=np.int32)
+    store.put(second, _synthetic_live(160, mx.float16, seed=2), "generation")
+    disk.flush()
+    store.put(second[:16], _synthetic_live(16, mx.float16, seed=2), "prompt")  # enforce the budget
+    assert any(not disk.has(k) for k in chain_keys(store.seed, first, 16))  # the oldest files went
+    store.memory_budget = 1
+    store.put(second[:16], _synthetic_live(16, mx.float16, seed=2), "prompt")  # evicts everything
+    assert store.lookup(np.concatenate([first, [7]])).length == 160  # still whole, from the queue
+    disk.close()
+
+
+def test_a_read_error_that_may_pass_keeps_the_block(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from cache_backend import kv_block_files
+
+    disk = BlockFiles(tmp_path, "m", 16, write_delay=0.0, tail_delay=0.0)
+    store = BlockStore(seed=chain_seed("m", 16), memory_budget=1, size=16, disk=disk, disk_budget=2**30)
+    toks = np.arange(100, 164, dtype=np.int32)
+    store.put(toks, _synthetic_live(64, mx.float16), "generation")
+    disk.flush()
+    prompt = np.concatenate([toks, [7]])
+    real = kv_block_files.safetensors_header
+
+    def flaky(path):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(kv_block_files, "safetensors_header", flaky)
+    caches, n, _ = store.restore(store.lookup(prompt), room=1)
+    assert n == 0 and disk.removed_bad == 0 and len(store.blocks) == 4
+    monkeypatch.setattr(kv_block_files, "safetensors_header", real)
+    caches, n, _ = store.restore(store.lookup(prompt), room=1)
+    assert n == 64
+    disk.close()
