@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cache_backend import sse
+from cache_backend.chat_messages import tool_dict
 from cache_backend.engine import Engine
 from cache_backend.errors import (
     APIError,
@@ -39,7 +40,7 @@ from cache_backend.metrics import ServerMetrics
 from cache_backend.output import new_id
 from cache_backend.progress import ProgressBlock
 from cache_backend.prompt import RenderedPrompt
-from cache_backend.render import Renderer, tool_dict
+from cache_backend.render import Renderer
 from cache_backend.request import MessagesRequest
 from cache_backend.structured import opening_for
 from cache_backend.toolcalls import syntax_for

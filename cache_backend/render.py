@@ -2,9 +2,9 @@
 
 Why this module matters: the prefix cache can only reuse work if the same history always renders
 to the same tokens, and if turn N's tokens are a prefix of turn N+1's. So:
-- the request is mapped to chat-template messages in one fixed way (thinking dropped, images
-  replaced by a placeholder, string content == one-text-block content, mid-conversation system
-  messages kept where they stand);
+- the request is mapped to chat-template messages in one fixed way (chat_messages.py: thinking
+  dropped, images replaced by a placeholder, string content == one-text-block content,
+  mid-conversation system messages kept where they stand);
 - the chat template is rendered once per message prefix and each message's *segment* (the text
   it added) is tokenized on its own, so a segment's tokens never depend on what follows it;
 - an assistant segment is tokenized as generation prompt + the rest, exactly the split the model
@@ -22,64 +22,17 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from cache_backend.chat_messages import Chat, ChatMapper, probe_template
 from cache_backend.errors import InvalidRequest
-from cache_backend.hermes import FALLBACK_TEMPLATE, tool_call_markup, tools_section
+from cache_backend.hermes import FALLBACK_TEMPLATE
 from cache_backend.prompt import RenderedPrompt
 from cache_backend.request import (
-    ImageBlock,
     MessagesRequest,
-    TextBlock,
-    ThinkingBlock,
-    Tool,
-    ToolReference,
-    ToolResultBlock,
-    ToolUseBlock,
 )
 
 log = logging.getLogger("cache_backend.render")
-
-IMAGE_PLACEHOLDER = "[{kind} omitted: this server cannot read {kind}s]"
-ERROR_PREFIX = "Error: "
-BLOCK_JOIN = "\n\n"
-
-
-def tool_dict(t: Tool) -> dict[str, Any]:
-    """An Anthropic tool as the OpenAI/Hugging Face function dict chat templates expect."""
-    fn: dict[str, Any] = {"name": t.name}
-    if t.description is not None:
-        fn["description"] = t.description
-    fn["parameters"] = t.input_schema
-    return {"type": "function", "function": fn}
-
-
-def tool_reference_text(tool: Tool) -> str:
-    """A loaded deferred tool's definition, where its `tool_reference` stands.
-
-    Anthropic expands a `tool_reference` into the tool's definition in place, so the up-front
-    list never changes when a tool is loaded; rendering it here, inside the tool result, keeps
-    every token before it (the whole cached conversation) where it was. The form is the one
-    Claude Code's ToolSearch description promises the model: one
-    `<function>{"description", "name", "parameters"}</function>` line inside `<functions>`.
-    """
-    fn = {"description": tool.description or "", "name": tool.name, "parameters": tool.input_schema}
-    return "<functions>\n<function>" + json.dumps(fn, ensure_ascii=False) + "</function>\n</functions>"
-
-
-def json_instruction(schema: dict[str, Any]) -> str:
-    return "Respond with only a JSON value that conforms to this JSON Schema, and nothing else:\n" + json.dumps(
-        schema, ensure_ascii=False
-    )
-
-
-@dataclass
-class _Chat:
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None
-    prefill: str | None
-    placeholders: int
 
 
 def _hash(*parts: str) -> str:
@@ -136,13 +89,15 @@ class Renderer:
             self._template_override = FALLBACK_TEMPLATE
         src = getattr(tokenizer, "chat_template", None)
         self._template_id = _hash(str(self._template_override or src or "custom"))
-        self.native_tools, self.native_tool_calls, self.native_tool_role, self.mid_system = self._probe()
+        self.caps = probe_template(self._try)
+        self.native_tools, self.native_tool_calls = self.caps.native_tools, self.caps.native_tool_calls
+        self._mapper = ChatMapper(self.caps)
         log.info(
             "chat template: tools=%s tool_calls=%s tool_role=%s mid_system=%s",
-            self.native_tools,
-            self.native_tool_calls,
-            self.native_tool_role,
-            self.mid_system,
+            self.caps.native_tools,
+            self.caps.native_tool_calls,
+            self.caps.native_tool_role,
+            self.caps.mid_system,
         )
 
     # --- template access ------------------------------------------------------------------
@@ -166,134 +121,8 @@ class Renderer:
         except Exception:
             return None
 
-    def _probe(self) -> tuple[bool, bool, bool, bool]:
-        tool = {
-            "type": "function",
-            "function": {
-                "name": "probe_tool_zq",
-                "description": "d",
-                "parameters": {"type": "object", "properties": {}},
-            },
-        }
-        out = self._try([{"role": "user", "content": "hi"}], [tool])
-        native_tools = bool(out and "probe_tool_zq" in out)
-        call = {"id": "c1", "type": "function", "function": {"name": "probe_call_zq", "arguments": {"arg_zq": 1}}}
-        msgs = [
-            {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": "probe_result_zq", "tool_call_id": "c1", "name": "probe_call_zq"},
-        ]
-        out = self._try(msgs, [tool] if native_tools else None)
-        # Without tool definitions in the template, tool turns are all rendered as Hermes text.
-        native_calls = native_tools and bool(out and "probe_call_zq" in out and "arg_zq" in out)
-        native_tool_role = native_tools and bool(out and "probe_result_zq" in out)
-        out = self._try(
-            [
-                {"role": "user", "content": "a"},
-                {"role": "assistant", "content": "b"},
-                {"role": "system", "content": "probe_sys_zq"},
-                {"role": "user", "content": "c"},
-            ]
-        )
-        mid_system = bool(out and "probe_sys_zq" in out)
-        return native_tools, native_calls, native_tool_role, mid_system
-
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=False)) if text else []
-
-    # --- request -> chat messages ---------------------------------------------------------
-
-    def _chat(self, req: MessagesRequest) -> _Chat:
-        placeholders = 0
-        # Deferred tools (`defer_loading`) are rendered where a tool_reference loads them.
-        tools = [tool_dict(t) for t in req.tools if not t.deferred] or None
-        by_name = {t.name: t for t in req.tools}
-        messages: list[dict[str, Any]] = []
-        system_text = "\n\n".join(b.text for b in req.system)
-        if tools and not self.native_tools:
-            system_text = system_text + "\n\n" + tools_section(tools) if system_text else tools_section(tools)
-        if system_text:
-            messages.append({"role": "system", "content": system_text})
-        names: dict[str, str] = {}
-        prefill = None
-        last = len(req.messages) - 1
-        for i, msg in enumerate(req.messages):
-            if msg.role == "system":
-                text = BLOCK_JOIN.join(b.text for b in msg.content if isinstance(b, TextBlock))
-                role = "system" if (self.mid_system or not messages) else "user"
-                messages.append({"role": role, "content": text})
-            elif msg.role == "assistant":
-                texts = [b.text for b in msg.content if isinstance(b, TextBlock)]
-                calls = [b for b in msg.content if isinstance(b, ToolUseBlock)]
-                for b in msg.content:
-                    if isinstance(b, ImageBlock):
-                        placeholders += 1
-                        texts.append(IMAGE_PLACEHOLDER.format(kind=b.kind))
-                text = BLOCK_JOIN.join(texts)
-                if i == last and i > 0:
-                    if calls:
-                        raise InvalidRequest(
-                            f"messages[{i}]: the final assistant message contains tool_use blocks; "
-                            "a user message with their tool_result blocks must follow"
-                        )
-                    prefill = text
-                    continue
-                for c in calls:
-                    names[c.id] = c.name
-                messages.append(self._assistant(text, calls))
-            else:
-                pending: list[str] = []
-                for b in msg.content:
-                    if isinstance(b, TextBlock):
-                        pending.append(b.text)
-                    elif isinstance(b, ToolReference):
-                        pending.append(tool_reference_text(by_name[b.tool_name]))
-                    elif isinstance(b, ImageBlock):
-                        placeholders += 1
-                        pending.append(IMAGE_PLACEHOLDER.format(kind=b.kind))
-                    elif isinstance(b, ToolResultBlock):
-                        if pending:
-                            messages.append({"role": "user", "content": BLOCK_JOIN.join(pending)})
-                            pending = []
-                        parts = []
-                        for c in b.content:
-                            if isinstance(c, TextBlock):
-                                parts.append(c.text)
-                            elif isinstance(c, ToolReference):
-                                parts.append(tool_reference_text(by_name[c.tool_name]))
-                            else:
-                                placeholders += 1
-                                parts.append(IMAGE_PLACEHOLDER.format(kind=c.kind))
-                        text = "\n".join(parts)
-                        if b.is_error:
-                            text = ERROR_PREFIX + text
-                        messages.append(self._tool_result(text, b.tool_use_id, names.get(b.tool_use_id, "")))
-                    elif isinstance(b, ThinkingBlock):
-                        pass
-                if pending or not msg.content:
-                    messages.append({"role": "user", "content": BLOCK_JOIN.join(pending)})
-        if req.json_schema is not None:
-            role = "system" if self.mid_system else "user"
-            messages.append({"role": role, "content": json_instruction(req.json_schema)})
-        if placeholders:
-            log.info("replaced %d image/document block(s) with a placeholder", placeholders)
-        return _Chat(messages, tools if self.native_tools else None, prefill, placeholders)
-
-    def _assistant(self, text: str, calls: list[ToolUseBlock]) -> dict[str, Any]:
-        if not calls:
-            return {"role": "assistant", "content": text}
-        if not self.native_tool_calls:
-            markup = "\n".join(tool_call_markup(c.name, c.input) for c in calls)
-            return {"role": "assistant", "content": f"{text}\n{markup}" if text else markup}
-        tool_calls = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.input}} for c in calls
-        ]
-        return {"role": "assistant", "content": text, "tool_calls": tool_calls}
-
-    def _tool_result(self, text: str, tool_use_id: str, name: str) -> dict[str, Any]:
-        if self.native_tool_role:
-            return {"role": "tool", "content": text, "tool_call_id": tool_use_id, "name": name}
-        return {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
 
     # --- the model's own outputs ----------------------------------------------------------
 
@@ -347,7 +176,7 @@ class Renderer:
 
     def render(self, req: MessagesRequest) -> RenderedPrompt:
         """The prompt for `req`, ending with the generation prompt (and any assistant prefill)."""
-        chat = self._chat(req)
+        chat = self._mapper.chat(req)
         try:
             return self._render_segmented(chat)
         except InvalidRequest:
@@ -375,7 +204,7 @@ class Renderer:
                 self._preambles.pop(next(iter(self._preambles)))
         return hit
 
-    def _render_segmented(self, chat: _Chat) -> RenderedPrompt:
+    def _render_segmented(self, chat: Chat) -> RenderedPrompt:
         msgs, tools = chat.messages, chat.tools
         n = len(msgs)
         keys: list[str] = []
