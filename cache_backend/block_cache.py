@@ -21,9 +21,15 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from cache_backend.kv_arrays import DECODE_ROOM
 from cache_backend.kv_block_files import BlockFiles
 from cache_backend.kv_blocks import DEFAULT_BLOCK_TOKENS, BlockStore, chain_seed
-from cache_backend.kv_files import model_fingerprint
+from cache_backend.kv_files import model_fingerprint, weight_hashes_path
 from cache_backend.kv_snapshots import common_prefix_len
-from cache_backend.prefix_cache import PrefixCache, Restored, SaveKind
+from cache_backend.prefix_cache import (
+    PrefixCache,
+    Restored,
+    SaveKind,
+    protected_length,
+    system_prefix_checkpoint,
+)
 from cache_backend.prompt import RenderedPrompt
 
 
@@ -41,7 +47,9 @@ class BlockCache(PrefixCache):
             raise ValueError(f"block size {block_size} is too small (16 tokens at least)")
         disk = None
         if fingerprint is None:
-            fingerprint = model_fingerprint(model_dir, _hashes(disk_dir)) if model_dir is not None else "unknown-model"
+            fingerprint = (
+                model_fingerprint(model_dir, weight_hashes_path(disk_dir)) if model_dir is not None else "unknown-model"
+            )
         if disk_dir is not None and disk_budget > 0 and model_dir is not None:
             disk = BlockFiles(disk_dir, fingerprint, block_size)
         self.store = BlockStore(
@@ -80,14 +88,10 @@ class BlockCache(PrefixCache):
         return Restored(cache=make_prompt_cache(model), n_restored=0)
 
     def checkpoints(self, prompt: RenderedPrompt, n_restored: int) -> Sequence[int]:
-        # The system + tools boundary is what every later request of any conversation shares.
-        if n_restored < prompt.prefix_end < len(prompt.tokens):
-            return (prompt.prefix_end,)
-        return ()
+        return system_prefix_checkpoint(prompt, n_restored)
 
     def save(self, tokens: Sequence[int], cache: list[Any], kind: SaveKind) -> None:
-        protected = self._prefix_end if 0 < self._prefix_end <= len(tokens) else 0
-        self.store.put(tokens, cache, kind=kind, protected=protected)
+        self.store.put(tokens, cache, kind=kind, protected=protected_length(self._prefix_end, len(tokens)))
         if kind == "generation":  # the engine lets go of the cache after this save
             self._live = (np.asarray(tokens, dtype=np.int32), cache)
 
@@ -145,7 +149,3 @@ class BlockCache(PrefixCache):
     def describe(self) -> str:
         where = f", disk {self.store.disk.dir}" if self.store.disk else ""
         return f"BlockCache({self.store.size}-token blocks, memory {self.store.memory_budget / 2**20:.0f} MiB{where})"
-
-
-def _hashes(disk_dir: Path | None) -> Path | None:
-    return disk_dir / "kv" / "weight-hashes.json" if disk_dir is not None else None

@@ -52,6 +52,17 @@ def copy_span(layers: Sequence[KVCache], start: int, end: int) -> BlockArrays:
     return [(mx.array(c.keys[..., start:end, :]), mx.array(c.values[..., start:end, :])) for c in layers]
 
 
+def layout_of(arrays: BlockArrays) -> Layout:
+    return [(k.shape[1], k.shape[3], v.shape[3], k.dtype) for k, v in arrays]
+
+
+def copy_into(arrays: BlockArrays, n: int, views: Views, at: int) -> None:
+    """Copy the first `n` positions of a block's arrays into cache views at position `at`."""
+    for (k, v), (dk, dv) in zip(arrays, views, strict=True):
+        dk[:, :, at : at + n, :] = as_numpy(k)[:, :, :n, :]
+        dv[:, :, at : at + n, :] = as_numpy(v)[:, :, :n, :]
+
+
 def arrays_nbytes(arrays: BlockArrays) -> int:
     return sum(k.nbytes + v.nbytes for k, v in arrays)
 

@@ -35,7 +35,7 @@ import numpy as np
 import xxhash
 
 from cache_backend import files
-from cache_backend.kv_arrays import BlockArrays, Layout, Views, as_numpy
+from cache_backend.kv_arrays import BlockArrays, Layout, Views, copy_into, layout_of
 from cache_backend.kv_blocks import Block, block_key
 from cache_backend.kv_files import BytesByRequest, array_bytes, safetensors_header
 
@@ -209,7 +209,7 @@ class BlockFiles:
         with self._cond:
             queued = self._pending.get(block.key)
         if queued is not None:
-            return [(k.shape[1], k.shape[3], v.shape[3], k.dtype) for k, v in queued[1]]
+            return layout_of(queued[1])
         try:
             tensors = _tensors(safetensors_header(self.path(block.key)))
             return [(k[2][1], k[2][3], v[2][3], k[1]) for k, v in tensors]
@@ -232,14 +232,13 @@ class BlockFiles:
         with self._cond:
             queued = self._pending.get(block.key)
         if queued is not None:
-            for (k, v), (dk, dv) in zip(queued[1], views, strict=True):
-                dk[:, :, at : at + n, :] = as_numpy(k)[:, :, :n, :]
-                dv[:, :, at : at + n, :] = as_numpy(v)[:, :, :n, :]
+            copy_into(queued[1], n, views, at)
             return True
         path = self.path(block.key)
         try:
             with path.open("rb") as f:
-                header = safetensors_header(path)
+                header = safetensors_header(path, f)
+                data = f.tell()  # tensor offsets count from here
                 meta = header.get("__metadata__", {})
                 if meta.get("model") != self.fingerprint or meta.get("format") != FORMAT:
                     raise ValueError("metadata does not match")
@@ -249,7 +248,6 @@ class BlockFiles:
                     raise ValueError("tokens do not hash to the block's key")
                 fields = {k: meta.get(k, "") for k in _CHECKED}
                 digest = _checksum_start(tokens, fields)
-                data = 8 + int.from_bytes(f.read(8), "little")  # tensor offsets count from here
                 tensors = _tensors(header)
                 if len(tensors) != len(views):
                     raise ValueError(f"{len(tensors)} layers, the model has {len(views)}")

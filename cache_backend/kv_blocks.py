@@ -54,10 +54,11 @@ from cache_backend.kv_arrays import (
     Views,
     allocate,
     arrays_nbytes,
-    as_numpy,
     capacity,
+    copy_into,
     copy_span,
     finish,
+    layout_of,
 )
 from cache_backend.kv_snapshots import common_prefix_len, tokens_held
 
@@ -229,7 +230,7 @@ class BlockStore:
 
     def _layout(self, block: Block) -> Layout | None:
         if block.arrays is not None:
-            return [(k.shape[1], k.shape[3], v.shape[3], k.dtype) for k, v in block.arrays]
+            return layout_of(block.arrays)
         return self.disk.layout(block) if self.disk is not None else None
 
     def _fill(self, block: Block, n: int, views: Views, at: int) -> bool | None:
@@ -238,9 +239,7 @@ class BlockStore:
         arrays = block.arrays
         if arrays is None:
             return self.disk.read_into(block, n, views, at) if self.disk is not None else False
-        for (k, v), (dk, dv) in zip(arrays, views, strict=True):
-            dk[:, :, at : at + n, :] = as_numpy(k)[:, :, :n, :]
-            dv[:, :, at : at + n, :] = as_numpy(v)[:, :, :n, :]
+        copy_into(arrays, n, views, at)
         return True
 
     # -- storing --------------------------------------------------------------------------------

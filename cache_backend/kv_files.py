@@ -12,7 +12,7 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import mlx.core as mx
 import numpy as np
@@ -89,17 +89,27 @@ def array_bytes(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(memoryview(a)))
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """A safetensors file's JSON header, after checking the file is as long as it says."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError("shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 64 * 2**20:
-            raise ValueError(f"header length {n} exceeds the file")
-        header = json.loads(f.read(n))
+def weight_hashes_path(cache_dir: Path | None) -> Path | None:
+    """Where model_fingerprint keeps its per-file hashes under a cache folder (both disk tiers)."""
+    return cache_dir / "kv" / "weight-hashes.json" if cache_dir is not None else None
+
+
+def safetensors_header(path: Path, f: BinaryIO | None = None) -> dict[str, Any]:
+    """A safetensors file's JSON header, after checking the file is as long as it says.
+
+    `f`: the file already open at its start, to read it through one handle; it is left at the
+    first tensor byte (where the header's data offsets count from)."""
+    if f is None:
+        with path.open("rb") as opened:
+            return safetensors_header(path, opened)
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise ValueError("shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", raw)
+    if n > size - 8 or n > 64 * 2**20:
+        raise ValueError(f"header length {n} exceeds the file")
+    header = json.loads(f.read(n))
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)

@@ -82,6 +82,20 @@ class PrefixCache(ABC):
         return None
 
 
+def system_prefix_checkpoint(prompt: RenderedPrompt, n_restored: int) -> tuple[int, ...]:
+    """The end of system + tools, when the prefill will pass it: what every later request of any
+    conversation shares, so both stores snapshot there (and untrimmable caches can only reuse
+    whole snapshots)."""
+    if n_restored < prompt.prefix_end < len(prompt.tokens):
+        return (prompt.prefix_end,)
+    return ()
+
+
+def protected_length(prefix_end: int, saved: int) -> int:
+    """How many leading tokens of a save of `saved` tokens are the system + tools prefix."""
+    return prefix_end if 0 < prefix_end <= saved else 0
+
+
 class NoCache(PrefixCache):
     """Never restores anything: every request prefills its whole prompt."""
 

@@ -15,9 +15,15 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from cache_backend.kv_blocks import unique_in_trie
 from cache_backend.kv_disk import DiskTier
-from cache_backend.kv_files import model_fingerprint
+from cache_backend.kv_files import model_fingerprint, weight_hashes_path
 from cache_backend.kv_snapshots import SnapshotStore
-from cache_backend.prefix_cache import PrefixCache, Restored, SaveKind
+from cache_backend.prefix_cache import (
+    PrefixCache,
+    Restored,
+    SaveKind,
+    protected_length,
+    system_prefix_checkpoint,
+)
 from cache_backend.prompt import RenderedPrompt
 
 log = logging.getLogger("ccwarm.snapshot_cache")
@@ -29,7 +35,7 @@ class SnapshotCache(PrefixCache):
     ) -> None:
         disk = None
         if disk_dir is not None and disk_budget > 0 and model_dir is not None:
-            disk = DiskTier(disk_dir, model_fingerprint(model_dir, disk_dir / "kv" / "weight-hashes.json"), disk_budget)
+            disk = DiskTier(disk_dir, model_fingerprint(model_dir, weight_hashes_path(disk_dir)), disk_budget)
         self.store = SnapshotStore(memory_budget=memory_budget, disk=disk)
         self._prefix_end = 0
 
@@ -52,14 +58,10 @@ class SnapshotCache(PrefixCache):
         return Restored(cache=make_prompt_cache(model), n_restored=0)
 
     def checkpoints(self, prompt: RenderedPrompt, n_restored: int) -> Sequence[int]:
-        # The system + tools boundary is what every later request of any conversation shares.
-        if n_restored < prompt.prefix_end < len(prompt.tokens):
-            return (prompt.prefix_end,)
-        return ()
+        return system_prefix_checkpoint(prompt, n_restored)
 
     def save(self, tokens: Sequence[int], cache: list[Any], kind: SaveKind) -> None:
-        protected = self._prefix_end if 0 < self._prefix_end <= len(tokens) else 0
-        self.store.put(tokens, cache, kind=kind, protected=protected)
+        self.store.put(tokens, cache, kind=kind, protected=protected_length(self._prefix_end, len(tokens)))
 
     @property
     def disk_dir(self) -> Path | None:
