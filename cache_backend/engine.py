@@ -151,8 +151,17 @@ class Engine:
         except Exception:
             log.exception("warm-up failed (continuing)")
 
+    def _warm_start(self) -> None:
+        try:
+            self.prefix_cache.warm_start(
+                self.model, should_stop=lambda: not self._queue.empty() or self._stopping.is_set()
+            )
+        except Exception:
+            log.exception("warm start of the prefix cache failed (continuing; restores read from disk)")
+
     def _loop(self) -> None:
         self._warmup()
+        self._warm_start()
         while True:
             job = self._queue.get()
             if job is None:

@@ -15,6 +15,9 @@ At start only headers are read. Arrays load when a restore needs them and are ch
 checksum, and the key, which must equal the hash of the parent key and the tokens. Anything
 unreadable, damaged, made for another model or not a regular file is removed (one warning at
 start): a bad block costs a prefill of its span, never a wrong answer or a failed start.
+
+Beside the blocks, `recent.json` names the ends of the conversations served last (a few hundred
+bytes, rewritten after each answer), so a restart knows which blocks to load back first.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import base64
 import heapq
 import itertools
+import json
 import logging
 import os
 import stat
@@ -40,6 +44,8 @@ from cache_backend.kv_blocks import Block, block_key
 from cache_backend.kv_files import BytesByRequest, array_bytes, safetensors_header
 
 FORMAT = "ccwarm-kv-block/1"
+RECENT_NAME = "recent.json"
+RECENT_FORMAT = "ccwarm-kv-recent/1"
 
 _CHECKED = ("format", "model", "key", "parent", "start", "protected", "kind")
 log = logging.getLogger("ccwarm.kv_block_files")
@@ -199,6 +205,33 @@ class BlockFiles:
             protected=meta.get("protected") == "1",
             kind=meta.get("kind", ""),
         )
+
+    # -- the conversations served last ----------------------------------------------------------
+
+    def save_recent(self, ends: list[tuple[bytes, bytes]], request: int) -> None:
+        """Record the conversations served last, newest first, each as (its deepest block, its
+        deepest whole block): a tail is written seconds after its turn, and a crash may lose it."""
+        data = json.dumps({"format": RECENT_FORMAT, "ends": [[a.hex(), b.hex()] for a, b in ends]}).encode()
+        tmp = self.dir / f".{RECENT_NAME}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.dir / RECENT_NAME)
+        with self._cond:
+            self.bytes_written += len(data)
+        self.written_by_request.add(request, len(data))
+
+    def load_recent(self) -> list[tuple[bytes, bytes]]:
+        """What `save_recent` recorded; nothing (and one warning) if the record is unusable."""
+        path = self.dir / RECENT_NAME
+        try:
+            data = json.loads(path.read_bytes())
+            if data.get("format") != RECENT_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {RECENT_FORMAT!r}")
+            return [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in data["ends"]]
+        except FileNotFoundError:
+            return []
+        except Exception as e:  # noqa: BLE001 - a bad record costs the warm start, never a failed start
+            log.warning(f"kv cache: ignoring {path} ({type(e).__name__}: {e})"[:300])
+            return []
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -383,7 +416,8 @@ class BlockFiles:
         mx.save_safetensors(str(tmp), tensors, metadata=meta)
         os.replace(tmp, path)
         size = path.stat().st_size
-        self.bytes_written += size
-        self.blocks_written += 1
+        with self._cond:  # save_recent counts from the engine's thread
+            self.bytes_written += size
+            self.blocks_written += 1
         self.written_by_request.add(block.origin, size)
         return size

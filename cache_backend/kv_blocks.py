@@ -141,6 +141,8 @@ class BlockStore:
     superseded: int = 0
     created: int = 0
     request: int = 0  # the request being served: new blocks are stamped with it
+    # The last save's (deepest block, deepest whole block): what a warm start looks for.
+    last_put: tuple[bytes, bytes] | None = None
     _clock: itertools.count = field(default_factory=itertools.count)
     # The HTTP thread reads stats while the engine's worker changes the index.
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -276,6 +278,7 @@ class BlockStore:
             last.protected |= tail_start < protected
         if last is not None and last.end == len(toks):
             last.kind = kind
+        self.last_put = (last.key if last is not None else self.seed, parent)
         mx.eval([a for b in created if b.arrays for pair in b.arrays for a in pair])
         for block in created:
             block.origin = self.request
@@ -399,6 +402,23 @@ class BlockStore:
             self._remove(b)
 
     # -- restart --------------------------------------------------------------------------------
+
+    def chain_to(self, key: bytes) -> list[Block]:
+        """The blocks from the first to `key`'s, in order; empty when a link is not stored."""
+        chain: list[Block] = []
+        while key != self.seed:
+            block = self.blocks.get(key)
+            if block is None:
+                return []
+            chain.append(block)
+            key = block.parent
+        return chain[::-1]
+
+    def touch(self, chain: Sequence[Block]) -> None:
+        """Mark `chain` as just used (ancestors and descendants alike, as a restore does)."""
+        now = next(self._clock)
+        for block in chain:
+            block.last_used = now
 
     def _load_index(self) -> None:
         """Index the blocks on disk; those whose chain is broken cannot be reached and go."""

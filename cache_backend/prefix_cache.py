@@ -29,7 +29,7 @@ Contract (all calls happen on the engine's single MLX worker thread):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -59,6 +59,11 @@ class PrefixCache(ABC):
         return ()
 
     def save(self, tokens: Sequence[int], cache: list[Any], kind: SaveKind) -> None:
+        return None
+
+    def warm_start(self, model: Any, should_stop: Callable[[], bool]) -> None:
+        """Load back what a restart left on disk before the first request asks for it (the engine's
+        worker runs this once at start; `should_stop` turns true when a request is waiting)."""
         return None
 
     def describe(self) -> str:

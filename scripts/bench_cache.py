@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ccwarm.harness import REPO
 from ccwarm.stack import proxy_chain
-from ccwarm.testing.replay import Measured, Replay, send
+from ccwarm.testing.replay import Measured, Replay, send, wait_for_warm_start
 from ccwarm.testing.synthetic import SessionSpec
 
 
@@ -203,8 +203,9 @@ def run_classic(args: argparse.Namespace, model: str, work: Path) -> None:
             # Restart on the same cache directory, several times: each first turn after a restart
             # must come back from disk. The median of those is the figure (one restart is noisy).
             for k in range(1, args.restarts + 1):
-                with chain(cache_dir, work / f"server-restart-{k}.log") as (client, _):
+                with chain(cache_dir, work / f"server-restart-{k}.log") as (client, server_url):
                     time.sleep(1.0)  # both processes done starting: the figure is the restore, not process start-up
+                    entry.setdefault("warm_starts", []).append(wait_for_warm_start(server_url))
                     turn = args.turns + k
                     body, headers = replay.request(history, tools=replay.tools, label=f"after restart {k}")
                     answer = send(client, measured, body, headers, f"main {turn} after restart {k}", "restart")
@@ -269,6 +270,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             entry["restart_over_in_memory_warm"] = (
                 entry["after_restart_warm_ttft_median_s"] / entry["warm_ttft_median_s"]
             )
+            # Each restart loaded its recent conversations back before the turn was sent.
+            entry["warm_start_seconds"] = [w.get("seconds") for w in v.get("warm_starts", [])]
+            entry["warm_start_bytes"] = [w.get("bytes") for w in v.get("warm_starts", [])]
         out[name] = entry
     return out
 

@@ -32,7 +32,7 @@ import httpx
 from tqdm import tqdm
 
 from ccwarm.stack import proxy_chain
-from ccwarm.testing.replay import Measured, send
+from ccwarm.testing.replay import Measured, send, wait_for_warm_start
 from ccwarm.testing.replay_current import CurrentReplaySpec, Step, current_session
 
 # KV bytes per token (fp16, K and V, every layer) from the models' configs: layers x KV heads x head dim.
@@ -87,6 +87,7 @@ def run_current(model: str, work: Path, restarts: int, main_turns: int) -> dict[
                        "--test-forced-replies", str(script))  # fmt: skip
         measured: list[Measured] = []
         written: list[int] = []
+        warm_starts: list[dict[str, Any]] = []
         print(f"\n== current CLI session, {name}: {len(steps)} requests", flush=True)
         with (
             proxy_chain(server_args, server_log=work / f"server-{store}-{disk}.log") as chain,
@@ -105,6 +106,7 @@ def run_current(model: str, work: Path, restarts: int, main_turns: int) -> dict[
                     httpx.Client(base_url=chain.proxy_url, timeout=3600) as client,
                 ):
                     time.sleep(1.0)  # both processes done starting: the figure is the restore
+                    warm_starts.append(wait_for_warm_start(chain.server.url))
                     _send(client, measured, step, kind="restart")
         results["variants"][name] = {
             "store": store,
@@ -113,6 +115,7 @@ def run_current(model: str, work: Path, restarts: int, main_turns: int) -> dict[
             "disk_bytes_written_before": written,
             "final_stats": final,
             "server_rss_mib": round(rss, 1),
+            "warm_starts": warm_starts,
         }
     return results
 
@@ -159,6 +162,8 @@ def summarize_current(results: dict[str, Any], bpt: int) -> dict[str, Any]:
             if restarts:
                 row["after_restart_restored"] = [r["restored"] for r in restarts]
                 row["after_restart_ttft_s"] = [r["ttft_s"] for r in restarts]
+                row["warm_start_seconds"] = [w.get("seconds") for w in entry["warm_starts"]]
+                row["warm_start_bytes"] = [w.get("bytes") for w in entry["warm_starts"]]
                 row["after_restart_over_warm"] = statistics.median(r["ttft_s"] for r in restarts) / statistics.median(
                     ref
                 )

@@ -173,3 +173,14 @@ def send(
         )
     )
     return message
+
+
+def wait_for_warm_start(server_url: str, timeout: float = 600.0) -> dict[str, Any]:
+    """Wait until a restarted server has loaded its recent conversations back (as a user does
+    while typing the next prompt); returns its warm-start figures (state, seconds, tokens, bytes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = httpx.get(f"{server_url}/v1/cache/stats", timeout=60).json()
+        if stats.get("warm_start_state", "off") not in ("waiting", "running") or time.monotonic() > deadline:
+            return {k.removeprefix("warm_start_"): v for k, v in stats.items() if k.startswith("warm_start_")}
+        time.sleep(0.05)
