@@ -1,13 +1,13 @@
 """The whole chain with the real Claude Code CLI (the version in ccwarm/claude_cli.py):
 claude -> mitmdump (normalize) -> companion server.
 
-Drives `scripts/e2e_claude_code.py`: session A (five `claude -p` turns with `--continue`: text, a
-Bash call, a ToolSearch that loads a deferred tool which is then called, a background sub-agent
-that calls Read and reports back, a final answer) and session B (a new `claude -p`), once with
-normalize on and once off, each against a fresh server on the tiny model; session C, where a turn
-goes over the server's context limit and the CLI compacts; then the interactive UI under tmux in
-auto mode (classifier requests) with a /compact. Needs npm (the CLI is installed into .claude-cli/
-when missing) and, for the UI test, tmux.
+Drives the runs behind `scripts/e2e_claude_code.py` (ccwarm/testing/e2e_*.py): session A (five
+`claude -p` turns with `--continue`: text, a Bash call, a ToolSearch that loads a deferred tool
+which is then called, a background sub-agent that calls Read and reports back, a final answer) and
+session B (a new `claude -p`), once with normalize on and once off, each against a fresh server on
+the tiny model; session C, where a turn goes over the server's context limit and the CLI compacts;
+then the interactive UI under tmux in auto mode (classifier requests) with a /compact. Needs npm
+(the CLI is installed into .claude-cli/ when missing) and, for the UI test, tmux.
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ import shutil
 
 import pytest
 
+from ccwarm.payload import BILLING_HEADER_NAME
 from ccwarm.testing import e2e_script as scenario
-from scripts import e2e_claude_code as e2e
+from ccwarm.testing.claude_runs import ensure_cli
+from ccwarm.testing.e2e_chain import tiny_model
+from ccwarm.testing.e2e_report import report
+from ccwarm.testing.e2e_sessions import run_comparison
+from ccwarm.testing.e2e_ui import UI_STEPS, run_interactive
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,12 +33,12 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def cli():
-    return e2e.ensure_cli()
+    return ensure_cli()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return e2e.tiny_model(tmp_path_factory.mktemp("e2e-model"))
+    return tiny_model(tmp_path_factory.mktemp("e2e-model"))
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +48,8 @@ def probed(cli, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(cli, model_dir, probed, tmp_path_factory):
-    out = e2e.run_comparison(cli, model_dir, tmp_path_factory.mktemp("e2e-claude"), probed=probed)
-    print(e2e.report(out))
+    out = run_comparison(cli, model_dir, tmp_path_factory.mktemp("e2e-claude"), probed=probed)
+    print(report(out))
     for name, run in out["runs"].items():
         assert run["failure"] is None, f"{name}: {run['failure']}\nlogs: {run['logs']}"
     return out
@@ -92,7 +97,7 @@ def test_no_billing_block_reaches_the_server_with_normalize(result) -> None:
     on = result["runs"]["normalize_on"]
     assert on["requests"], "no request was recorded"
     for r in on["requests"]:
-        assert not r["billing_forwarded"], f"request {r['n']} was forwarded with {e2e.BILLING}"
+        assert not r["billing_forwarded"], f"request {r['n']} was forwarded with {BILLING_HEADER_NAME}"
         assert any(d.startswith("system[0]: billing header") for d in r["normalize_dropped"]), r
         # The server tokenized exactly the forwarded body the flow file holds (same renderer, same count).
         assert r["rendered"] == r["prompt"], r
@@ -156,10 +161,10 @@ def test_a_prompt_over_the_limit_makes_the_cli_compact(result) -> None:
 def test_interactive_ui_under_tmux(cli, model_dir, probed, tmp_path_factory) -> None:
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (apt-get install -y tmux)")
-    ui = e2e.run_interactive(cli, model_dir, tmp_path_factory.mktemp("e2e-ui"), tools=probed[0])
-    print(e2e.report({"interactive": ui}))
+    ui = run_interactive(cli, model_dir, tmp_path_factory.mktemp("e2e-ui"), tools=probed[0])
+    print(report({"interactive": ui}))
     assert ui["failure"] is None, ui["failure"] + "\n" + "\n=====\n".join(ui["screens"][-3:])
-    assert [s["expect"] for s in ui["steps"]] == [expect for _, expect in e2e.UI_STEPS]
+    assert [s["expect"] for s in ui["steps"]] == [expect for _, expect in UI_STEPS]
     assert "trust this folder: yes" in ui["dialogs_answered"]
     assert "use this API key: yes" in ui["dialogs_answered"]
     reqs = ui["requests"]
