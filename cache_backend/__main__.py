@@ -203,7 +203,7 @@ def _prefix_cache(args: argparse.Namespace, model: Any, model_ref: str, memory: 
     """The block store where the model's caches can be cut into blocks, whole snapshots otherwise."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    from cache_backend.kv_blocks import blockable
+    from cache_backend.kv_block_keys import blockable
 
     model_dir = _model_dir(model_ref)
     if model_dir is None and disk:

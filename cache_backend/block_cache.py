@@ -30,9 +30,9 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from cache_backend.kv_arrays import DECODE_ROOM
 from cache_backend.kv_block_files import BlockFiles
-from cache_backend.kv_blocks import DEFAULT_BLOCK_TOKENS, Block, BlockStore, Match, chain_seed
+from cache_backend.kv_block_keys import DEFAULT_BLOCK_TOKENS, Block, Match, chain_seed
+from cache_backend.kv_blocks import BlockStore
 from cache_backend.kv_files import model_fingerprint, weight_hashes_path
-from cache_backend.kv_snapshots import common_prefix_len
 from cache_backend.prefix_cache import (
     PrefixCache,
     Restored,
@@ -41,6 +41,7 @@ from cache_backend.prefix_cache import (
     system_prefix_checkpoint,
 )
 from cache_backend.prompt import RenderedPrompt
+from cache_backend.token_prefix import common_prefix_len
 
 RECENT_CONVERSATIONS = 8  # the conversations a restart loads back, at most (within the memory budget)
 log = logging.getLogger("ccwarm.block_cache")

@@ -40,7 +40,7 @@ import xxhash
 
 from cache_backend import files
 from cache_backend.kv_arrays import BlockArrays, Layout, Views, copy_into, layout_of
-from cache_backend.kv_blocks import Block, block_key
+from cache_backend.kv_block_keys import Block, block_key
 from cache_backend.kv_files import BytesByRequest, array_bytes, safetensors_header
 
 FORMAT = "ccwarm-kv-block/1"

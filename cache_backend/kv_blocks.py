@@ -1,11 +1,9 @@
 """KV stored once: fixed-size token blocks keyed by a chained hash, shared by every prompt.
 
-A block holds the K/V of up to `size` consecutive tokens for every layer. Its key hashes the key
-of the block before it and its own token ids, starting from a seed that names the model and the
-block size, so a key stands for the whole prefix up to the block's end (vLLM's and llama.cpp's
-scheme). Two prompts that share 30k tokens share those blocks. A save copies only the blocks the
-store does not hold yet, plus a *tail*: the tokens after the last whole block, kept as a leaf so
-a prompt that ends mid-block (a checkpoint, a generation) restores exactly.
+Blocks and their keys are defined in kv_block_keys.py. Two prompts that share 30k tokens share
+those blocks. A save copies only the blocks the store does not hold yet, plus a *tail*: the
+tokens after the last whole block, kept as a leaf so a prompt that ends mid-block (a checkpoint,
+a generation) restores exactly.
 
 Lookup hashes the prompt's whole blocks and walks the chain: one hash per block, whatever the
 number of stored prompts. Where the chain stops, the children of the last matching block (whole
@@ -35,7 +33,6 @@ quantized and SSM caches keep whole snapshots at boundaries (kv_snapshots.py).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import threading
@@ -60,69 +57,14 @@ from cache_backend.kv_arrays import (
     finish,
     layout_of,
 )
-from cache_backend.kv_snapshots import common_prefix_len, tokens_held
+from cache_backend.kv_block_keys import DEFAULT_BLOCK_TOKENS, Block, Match, block_key, chain_keys
+from cache_backend.kv_snapshots import tokens_held
+from cache_backend.token_prefix import common_prefix_len, unique_in_trie
 
 if TYPE_CHECKING:
     from cache_backend.kv_block_files import BlockFiles
 
-DEFAULT_BLOCK_TOKENS = 256
 log = logging.getLogger("ccwarm.kv_blocks")
-
-
-def blockable(layers: Sequence[Any]) -> bool:
-    """True when every layer is a plain `KVCache` (positions can be cut and concatenated)."""
-    return len(layers) > 0 and all(type(c) is KVCache for c in layers)
-
-
-def chain_seed(model_fingerprint: str, size: int) -> bytes:
-    return hashlib.blake2b(f"ccwarm-kv-blocks/1|{model_fingerprint}|{size}".encode(), digest_size=16).digest()
-
-
-def block_key(parent: bytes, tokens: np.ndarray) -> bytes:
-    """The key of a block: its parent's key and its token ids (little-endian int32)."""
-    return hashlib.blake2b(parent + np.ascontiguousarray(tokens, dtype="<i4").tobytes(), digest_size=16).digest()
-
-
-def chain_keys(seed: bytes, tokens: np.ndarray, size: int) -> list[bytes]:
-    """Keys of the whole blocks of `tokens`, in order."""
-    keys = []
-    parent = seed
-    for start in range(0, len(tokens) - size + 1, size):
-        parent = block_key(parent, tokens[start : start + size])
-        keys.append(parent)
-    return keys
-
-
-@dataclass
-class Block:
-    """K/V of `tokens`, which start at position `start` after the chain ending at `parent`."""
-
-    key: bytes
-    parent: bytes
-    start: int
-    tokens: np.ndarray
-    arrays: BlockArrays | None  # None: not in memory (on disk, or queued for writing)
-    nbytes: int = 0  # of the arrays, also while they are on disk only
-    last_used: int = 0
-    protected: bool = False  # holds tokens of a system + tools prefix
-    kind: str = ""  # the save kind of a save that ended at this block's end ("partial": a resume)
-    origin: int = 0  # the request whose save created it (what its write is counted against)
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.tokens)
-
-
-@dataclass(frozen=True)
-class Match:
-    """The longest stored prefix of a prompt: (block, tokens of it used), in chain order; only
-    the last part may use fewer tokens than its block holds."""
-
-    parts: tuple[tuple[Block, int], ...] = ()
-
-    @property
-    def length(self) -> int:
-        return sum(n for _, n in self.parts)
 
 
 @dataclass
@@ -453,15 +395,3 @@ class BlockStore:
     def resident_blocks(self) -> int:
         with self._lock:
             return sum(1 for b in self.blocks.values() if b.arrays is not None)
-
-
-def unique_in_trie(sequences: Sequence[np.ndarray]) -> int:
-    """Nodes of a trie holding `sequences`: total length less the prefixes neighbours share."""
-    if len(sequences) < 2:
-        return sum(len(s) for s in sequences)
-    ordered = sorted(tuple(int(t) for t in s) for s in sequences)
-    total = len(ordered[0])
-    for prev, s in zip(ordered, ordered[1:]):
-        shared = common_prefix_len(np.asarray(prev), np.asarray(s))
-        total += len(s) - shared
-    return total

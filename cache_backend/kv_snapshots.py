@@ -34,18 +34,12 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from cache_backend.token_prefix import common_prefix_len
+
 if TYPE_CHECKING:
     from cache_backend.kv_disk import DiskTier
 
 Layers = list[Any]  # one mlx-lm cache object per model layer
-
-
-def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if len(diff) else n
 
 
 def is_trimmable(layers: Layers) -> bool:

@@ -13,7 +13,6 @@ from typing import Any
 
 from mlx_lm.models.cache import make_prompt_cache
 
-from cache_backend.kv_blocks import unique_in_trie
 from cache_backend.kv_disk import DiskTier
 from cache_backend.kv_files import model_fingerprint, weight_hashes_path
 from cache_backend.kv_snapshots import SnapshotStore
@@ -25,6 +24,7 @@ from cache_backend.prefix_cache import (
     system_prefix_checkpoint,
 )
 from cache_backend.prompt import RenderedPrompt
+from cache_backend.token_prefix import unique_in_trie
 
 log = logging.getLogger("ccwarm.snapshot_cache")
 

@@ -33,7 +33,8 @@ from mlx_lm.models.cache import KVCache
 from tqdm import tqdm
 
 from cache_backend.kv_block_files import BlockFiles
-from cache_backend.kv_blocks import BlockStore, chain_seed
+from cache_backend.kv_block_keys import chain_seed
+from cache_backend.kv_blocks import BlockStore
 from cache_backend.kv_snapshots import SnapshotStore
 from ccwarm.harness import REPO
 

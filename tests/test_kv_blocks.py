@@ -15,9 +15,11 @@ from test_kv_snapshots import LAST_LOGITS, cold, greedy, model, tokens  # noqa: 
 from cache_backend.block_cache import BlockCache
 from cache_backend.kv_arrays import as_numpy
 from cache_backend.kv_block_files import BlockFiles
-from cache_backend.kv_blocks import BlockStore, chain_keys, chain_seed, unique_in_trie
+from cache_backend.kv_block_keys import chain_keys, chain_seed
+from cache_backend.kv_blocks import BlockStore
 from cache_backend.kv_files import model_fingerprint
 from cache_backend.prompt import RenderedPrompt
+from cache_backend.token_prefix import unique_in_trie
 
 SIZE = 64
 
