@@ -3,19 +3,10 @@
 Why one thread: MLX streams belong to the thread that created them, and the model and KV cache
 are not safe to share, so every model call happens here and HTTP handlers only queue jobs and
 read events. Requests are served in arrival order (never rejected for being busy). A job's
-`cancel` flag is checked between prefill chunks and before every decode step, and also before
-each layer where the attention is cpu_attention's (the CPU path); prefill chunks are sized from
-the measured prefill speed so that the time between two checks is about `chunk_seconds` (never
-below MIN_CHUNK tokens), so a client that goes away stops costing compute within about a second.
-On the CPU that allows 512-token chunks at 12k tokens of context (73 tok/s there, against 40-45
-with the ~30-token chunks a check per chunk needed). The prompt cache comes from a
-`PrefixCache` (see prefix_cache.py): only the tokens it could not restore are prefilled.
-
-Prefill is resumable: a prefill that is cancelled (client gone, server stopping) offers what it
-computed to the cache as a "partial" snapshot, and so does a long prefill after
-`checkpoint_seconds`, then after twice as long, and so on; the client's retry, or the same prompt
-after a restart, restores it and prefills only the rest. The cache holds exactly the tokens fed,
-so the result is the same as an unbroken prefill.
+`cancel` flag is checked before every decode step, and within the prefill as prefill.py says.
+The prompt cache comes from a `PrefixCache` (see prefix_cache.py): only the tokens it could not
+restore are prefilled, by `ChunkedPrefill` (prefill.py), which also keeps what a cancelled
+prefill computed.
 
 Why not mlx-lm's `generate_step` / `stream_generate`: they prefill in fixed steps with only a
 progress callback, so they cannot stop inside a prefill, keep what it computed, pause at the
@@ -37,18 +28,16 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from cache_backend import cpu_attention
 from cache_backend.detok import IncrementalDetokenizer
 from cache_backend.jobs import (
     Failed,
     Finished,
     Job,
-    Progress,
     Started,
 )
-from cache_backend.kv_arrays import DECODE_ROOM, reserve
 from cache_backend.metrics import RequestRecord, ServerMetrics
 from cache_backend.output import Cause, OutputAssembler
+from cache_backend.prefill import Cancelled, ChunkedPrefill, check_cancel
 from cache_backend.prefix_cache import NoCache, PrefixCache, Restored
 from cache_backend.prompt import RenderedPrompt
 from cache_backend.structured import validate as validate_json
@@ -56,28 +45,8 @@ from cache_backend.structured import validate as validate_json
 log = logging.getLogger("cache_backend.engine")
 
 
-class Cancelled(Exception):
-    pass
-
-
-MIN_CHUNK = 16  # prompt tokens: the smallest prefill step, whatever the measured speed
-
 # What a job gets when the server stops before it is done: clients retry overloaded errors.
 SHUTTING_DOWN = Failed("the server is shutting down; retry this request", error_type="overloaded_error")
-
-
-def _rewind(cache: list[Any], pos: int) -> bool:
-    """Trim layers that a forward pass stopped between layers left ahead of ``pos``; False when a
-    layer cannot be trimmed (then the cache is not a prefix of the prompt and must not be kept)."""
-    for layer in cache:
-        if not hasattr(layer, "offset"):
-            return False  # recurrent state (SSM layers): cannot tell whether it took the chunk
-        extra = layer.offset - pos
-        if extra > 0:
-            if not layer.is_trimmable():
-                return False
-            layer.trim(extra)
-    return True
 
 
 class Engine:
@@ -98,9 +67,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache or NoCache()
-        self.prefill_chunk = max(1, prefill_chunk)  # the largest chunk, for fast models
-        self.chunk_seconds = chunk_seconds
-        self.checkpoint_seconds = checkpoint_seconds
+        self.prefill = ChunkedPrefill(model, self.prefix_cache, prefill_chunk, chunk_seconds, checkpoint_seconds)
         self.on_output = on_output  # (generated text, its tokens): e.g. Renderer.remember_output
         self.metrics = metrics
         self.eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
@@ -217,10 +184,6 @@ class Engine:
             )
         )
 
-    def _check(self, job: Job) -> None:
-        if job.cancel.is_set():
-            raise Cancelled()
-
     def _restore(self, prompt: RenderedPrompt) -> Restored:
         restored = self.prefix_cache.restore(self.model, prompt)
         n = restored.n_restored
@@ -232,102 +195,6 @@ class Engine:
             else:
                 restored = Restored(make_prompt_cache(self.model), 0)
         return restored
-
-    def _next_chunk(self, fed: int, seconds: float, previous: int, checks: int = 1) -> int:
-        """The next chunk size: about `chunk_seconds` between two looks for a cancel, at the speed
-        just measured; `checks` is how often the last pass looked (1, or once a layer where
-        cpu_attention computed the attention).
-
-        Grows at most 2x a step (the first chunks are small probes) and shrinks as attention
-        over a longer context slows prefill down.
-        """
-        if seconds <= 0:
-            return min(self.prefill_chunk, previous * 2)
-        target = int(fed / seconds * self.chunk_seconds * max(1, checks))
-        # Never below MIN_CHUNK: a chunk pays a fixed cost that grows with the context (on this
-        # CPU ~0.3 s at 4k tokens), so 1-token chunks ran at 3 tok/s where 16-token ones run at 20.
-        return max(min(MIN_CHUNK, self.prefill_chunk), min(self.prefill_chunk, previous * 2, target))
-
-    def _prefill(self, job: Job, cache: list[Any], start: int) -> mx.array:
-        """Feed prompt[start:] in chunks (pausing at checkpoints); return the last token's logits.
-
-        All but the last token go through in chunks whose logits are never evaluated (MLX is
-        lazy, so the vocabulary projection is skipped); the last token alone yields the logits.
-        Cancelled, it offers the cache (which holds exactly the tokens fed) as a partial snapshot.
-        """
-        tokens = job.prompt.tokens
-        total = len(tokens)
-        last = total - 1
-        stops = sorted({p for p in self.prefix_cache.checkpoints(job.prompt, start) if start < p < total})
-        pos = saved = start
-        chunk = min(self.prefill_chunk, 32)
-        t_saved = t_logged = time.monotonic()
-        # Each periodic save doubles the wait for the next: a whole-snapshot save writes the whole
-        # prefix (600 MB at 12k tokens of the bundled model), so fixed 30 s saves took CPU from the
-        # prefill on 2 cores, while doubling still bounds what a crash loses to about half of the
-        # work done. (The block store writes only the new blocks; the doubling costs it nothing.)
-        interval = self.checkpoint_seconds
-        checks = [0]  # cancel checks made inside the current forward pass
-        in_pass = False
-
-        def check() -> None:
-            checks[0] += 1
-            self._check(job)
-
-        try:
-            while pos < last:
-                self._check(job)
-                end = min(pos + chunk, last)
-                for p in stops:
-                    if pos < p < end:
-                        end = p
-                        break
-                t = time.monotonic()
-                reserve(cache, total + DECODE_ROOM)
-                checks[0] = 0
-                in_pass = True
-                with cpu_attention.between_layers(check):
-                    self.model(mx.array(tokens[pos:end])[None], cache=cache)
-                    mx.eval([c.state for c in cache])
-                in_pass = False
-                now = time.monotonic()
-                rate = (end - pos) / (now - t) if now > t else 0.0
-                chunk = self._next_chunk(end - pos, now - t, chunk, checks[0])
-                job.prefilled += end - pos
-                pos = end
-                progress = Progress(done=pos, total=total, tokens_per_s=rate)
-                job.sink(progress)
-                if now - t_logged >= 5.0:
-                    t_logged = now
-                    eta = progress.eta_s
-                    log.info(
-                        "request %s prefill %d/%d tokens, %.0f tok/s, ~%.0fs left",
-                        job.request_id,
-                        pos,
-                        total,
-                        rate,
-                        eta if eta is not None else 0,
-                    )
-                if pos in stops:
-                    self.prefix_cache.save(tokens[:pos], cache, "checkpoint")
-                    saved, t_saved = pos, now
-                elif now - t_saved >= interval:
-                    self.prefix_cache.save(tokens[:pos], cache, "partial")
-                    saved, t_saved = pos, now
-                    interval *= 2
-            self._check(job)
-        except Cancelled:
-            # Stopped inside a pass, some layers hold the chunk and some do not: keep the prefix
-            # only when every layer can be trimmed back to `pos`.
-            if pos > saved and (not in_pass or _rewind(cache, pos)):
-                self.prefix_cache.save(tokens[:pos], cache, "partial")
-                log.info("request %s kept its partial prefill: %d of %d tokens", job.request_id, pos, total)
-            raise
-        reserve(cache, total + DECODE_ROOM)
-        logits = self.model(mx.array(tokens[last:])[None], cache=cache)[:, -1, :]
-        mx.eval(logits)
-        job.prefilled += 1
-        return logits
 
     def _run(self, job: Job) -> str:
         """Serve one job; returns its stop reason."""
@@ -349,7 +216,7 @@ class Engine:
         job.sink(Started(prompt_tokens=len(prompt), n_restored=n_restored))
         deadline = t0 + p.deadline_s if p.deadline_s else None
 
-        logits = self._prefill(job, cache, n_restored)
+        logits = self.prefill.run(job, cache, n_restored)
         t_fed = time.monotonic()
         self.prefix_cache.save(prompt, cache, "prompt")
         t_prefill = time.monotonic()
@@ -371,7 +238,7 @@ class Engine:
         ttft = None
         cause: Cause = "max_tokens"
         while True:
-            self._check(job)
+            check_cancel(job)
             if deadline is not None and time.monotonic() > deadline:
                 cause = "deadline"
                 break

@@ -233,7 +233,7 @@ def test_rewind_keeps_only_what_every_layer_can_give_back() -> None:
     import mlx.core as mx
     from mlx_lm.models.cache import ArraysCache, KVCache
 
-    from cache_backend.engine import _rewind
+    from cache_backend.prefill import rewind
 
     def layer(n: int) -> KVCache:
         c = KVCache()
@@ -241,6 +241,6 @@ def test_rewind_keeps_only_what_every_layer_can_give_back() -> None:
         return c
 
     ahead, behind = layer(96), layer(64)
-    assert _rewind([ahead, behind], 64) and ahead.offset == behind.offset == 64
+    assert rewind([ahead, behind], 64) and ahead.offset == behind.offset == 64
     # Recurrent (SSM) state has no offset: whether it took the chunk cannot be told, so no prefix.
-    assert not _rewind([layer(96), ArraysCache(size=2)], 64)
+    assert not rewind([layer(96), ArraysCache(size=2)], 64)
