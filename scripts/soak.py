@@ -42,7 +42,7 @@ from ccwarm.harness import REPO
 from ccwarm.stack import proxy_chain
 from ccwarm.testing.replay import Replay, stream_request
 from ccwarm.testing.synthetic import SessionSpec
-from ccwarm.testing.synthetic_current import CurrentSession, CurrentSpec
+from ccwarm.testing.synthetic_current_requests import CurrentRequests, CurrentSpec
 
 
 @dataclass
@@ -140,7 +140,7 @@ class Soak:
                 time.sleep(2.0)  # the CLI launches agents now and then, not back to back
 
     def classifier_thread(self) -> None:
-        session = CurrentSession(CurrentSpec(seed=7))
+        session = CurrentRequests(CurrentSpec(seed=7))
         n = 0
         with httpx.Client(base_url=self.url, timeout=3600) as client:
             while self.running():

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 
 from ccwarm.testing.synthetic import Request, text_of_size
-from ccwarm.testing.synthetic_current import CurrentSession, CurrentSpec
+from ccwarm.testing.synthetic_current_requests import CurrentRequests, CurrentSpec
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Step:
 
 def current_session(spec: CurrentReplaySpec) -> tuple[list[Step], list[Step]]:
     """(the session's requests in order, the held-back main turns for after restarts)."""
-    s = CurrentSession(CurrentSpec(seed=spec.seed, interactive=True))
+    s = CurrentRequests(CurrentSpec(seed=spec.seed, interactive=True))
     rng = random.Random(spec.seed)
     msgs = s.start("Look at the project and tell me what the build does.")
     transcript: list[dict[str, str]] = [{"user": "Look at the project and tell me what the build does."}]
