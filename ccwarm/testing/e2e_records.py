@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from cache_backend.kv_snapshots import common_prefix_len
+from cache_backend.token_prefix import common_prefix_len
 from ccwarm import flowmeta, payload
 
 BILLING = payload.BILLING_HEADER_NAME
