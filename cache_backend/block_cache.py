@@ -177,6 +177,10 @@ class BlockCache(PrefixCache):
             + (" (stopped early: a request came)" if self.warm.state == "stopped" else "")
         )
 
+    def set_busy(self, busy: bool) -> None:
+        if self.store.disk is not None:
+            self.store.disk.set_busy(busy)
+
     def _request_started(self) -> None:
         # New blocks are stamped with the request that made them: writes (which land later) are
         # counted against it in disk_bytes_written_by_request.

@@ -17,6 +17,7 @@ is reused: `make_sampler` for sampling, the mlx-lm cache classes and their trim 
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -136,6 +137,11 @@ class Engine:
     def _loop(self) -> None:
         self._warmup()
         self._warm_start()
+        # What start-up made (model, tokenizer, the warm start's blocks) lives as long as the
+        # process: out of the collector's sight, a full collection no longer walks it in the
+        # middle of a request.
+        gc.collect()
+        gc.freeze()
         while True:
             job = self._queue.get()
             if job is None:
@@ -148,6 +154,7 @@ class Engine:
                 continue
             self.busy = True
             self._current = job
+            self.prefix_cache.set_busy(True)
             outcome = "failed"
             try:
                 outcome = self._run(job)
@@ -169,6 +176,7 @@ class Engine:
                 log.exception("request %s failed", job.request_id)
                 job.sink(Failed(f"{type(e).__name__}: {e}"))
             finally:
+                self.prefix_cache.set_busy(False)
                 self._record(job, outcome)
                 self._current = None
                 self.busy = False

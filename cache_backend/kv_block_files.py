@@ -8,7 +8,10 @@ and every tensor byte. A block is written at most once: a turn writes only the b
 Writes happen on a background thread, a moment after the save (a tail, the partial last block
 of a save, waits longer: the next turn usually turns it into whole blocks, and a crash then
 costs at most one tail of prefill per conversation), to a temporary name that is renamed, so a
-crash leaves either no file or a whole one. Until it is written, a block's arrays stay here and
+crash leaves either no file or a whole one. While the engine serves a request, due writes wait
+for it to finish (the writer would take a core from the prefill: a user's next turn often comes
+just when the last one's blocks fall due), unless they have waited `max_defer` seconds or the
+blocks only the queue holds pass `defer_bytes`. Until it is written, a block's arrays stay here and
 it can be loaded from memory, even after the memory tier evicted it.
 
 At start only headers are read. Arrays load when a restore needs them and are checked: the
@@ -94,7 +97,14 @@ class BlockFiles:
     """Blocks as files under `root`; the block store decides what is kept (it owns the index)."""
 
     def __init__(
-        self, root: Path, fingerprint: str, size: int, write_delay: float = 1.0, tail_delay: float = 10.0
+        self,
+        root: Path,
+        fingerprint: str,
+        size: int,
+        write_delay: float = 1.0,
+        tail_delay: float = 10.0,
+        max_defer: float = 30.0,
+        defer_bytes: int = 512 * 2**20,
     ) -> None:
         self.dir = root / "kv" / fingerprint[:16] / f"blocks-{size}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +112,9 @@ class BlockFiles:
         self.size = size
         self.write_delay = write_delay
         self.tail_delay = tail_delay
+        self.max_defer = max_defer
+        self.defer_bytes = defer_bytes
+        self._busy = False  # a request is being served: due writes wait (see the module docstring)
         # Guarded by _cond: file sizes of durable blocks; blocks queued for writing, with their
         # arrays (the memory tier may let go of them meanwhile); the queue ordered by due time.
         self._cond = threading.Condition()
@@ -148,7 +161,16 @@ class BlockFiles:
         """Queued arrays that only the queue holds (the memory tier let go of them): RAM on top
         of the memory budget."""
         with self._cond:
-            return sum(b.nbytes for b, arrays in self._pending.values() if b.arrays is not arrays)
+            return self._held_bytes()
+
+    def _held_bytes(self) -> int:
+        return sum(b.nbytes for b, arrays in self._pending.values() if b.arrays is not arrays)
+
+    def set_busy(self, busy: bool) -> None:
+        """The engine starts (True) or ends (False) a request."""
+        with self._cond:
+            self._busy = busy
+            self._cond.notify_all()
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -366,12 +388,17 @@ class BlockFiles:
                 while self._due and self._due[0][2] not in self._pending:
                     heapq.heappop(self._due)  # deleted or superseded before its turn
                 if self._due:
-                    wait = self._due[0][0] - time.monotonic()
-                    if wait <= 0 or self._urgent:
+                    due, now = self._due[0][0], time.monotonic()
+                    late = now - due
+                    if self._urgent or (late >= 0 and (not self._busy or self._must_write(late))):
                         return self._pending[heapq.heappop(self._due)[2]]
-                    self._cond.wait(wait)
+                    self._cond.wait(-late if late < 0 else self.max_defer - late)
                 else:
                     self._cond.wait()
+
+    def _must_write(self, late: float) -> bool:
+        """Write now although a request runs: waited long enough, or holding too much RAM."""
+        return late >= self.max_defer or self._held_bytes() > self.defer_bytes
 
     def _write_loop(self) -> None:
         # MLX streams are per thread; the arrays are already evaluated, saving only reads them.

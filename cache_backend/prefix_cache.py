@@ -61,6 +61,10 @@ class PrefixCache(ABC):
     def save(self, tokens: Sequence[int], cache: list[Any], kind: SaveKind) -> None:
         return None
 
+    def set_busy(self, busy: bool) -> None:
+        """The engine starts (True) or ends (False) a request: background work may wait meanwhile."""
+        return None
+
     def warm_start(self, model: Any, should_stop: Callable[[], bool]) -> None:
         """Load back what a restart left on disk before the first request asks for it (the engine's
         worker runs this once at start; `should_stop` turns true when a request is waiting)."""

@@ -10,7 +10,9 @@ is built from the server's real previous answers, so prompt + output snapshots a
 
 Variants, measured in one run: billing block normalized away by the proxy, and not (the proxy
 with normalize=false). Then: tail-only requests (the limit a cache can reach), and a server
-restarts on the same cache directory (the first warm turn after each comes from disk).
+restarts on the same cache directory (the server loads its recent conversations back from disk
+before the first warm turn after each). Main turns come after a user's 1 s pause
+(replay.THINK_S), those after a restart too, so both kinds of turn meet an idle server.
 Writes JSON and a PNG chart of TTFT per request.
 
     .venv/bin/python scripts/bench_cache.py [--turns 8] [--model DIR] [--out artifacts/bench_cache]

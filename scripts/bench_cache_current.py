@@ -16,7 +16,9 @@ main turns. Figures, per store:
 - warm main-turn TTFT with the disk tier on / off, at 60k+ prompt tokens;
 - warm TTFT and prefilled tokens of blocks / of snapshots (the snapshot store with room to spare
   restores the exact longest prefix: the ideal);
-- the first warm turn after a restart / in-memory warm turns of the same size.
+- the first warm turn after a restart (once the server's warm start is done) / in-memory warm
+  turns. Every main turn, the ones after a restart included, comes after a user's 1 s pause
+  (replay.THINK_S), so both kinds of turn meet an idle server.
 """
 
 from __future__ import annotations

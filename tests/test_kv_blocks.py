@@ -4,6 +4,7 @@ was evicted or damaged); shared prefixes are stored once; a save writes only its
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -386,3 +387,39 @@ def test_a_request_that_comes_first_stops_the_warm_start(model, tokens, tmp_path
     s = again.stats()
     assert (s["warm_start_state"], s["warm_start_conversations"], s["warm_start_tokens"]) == ("stopped", 1, 203)
     again.close()
+
+
+def test_disk_writes_wait_while_a_request_runs(model, tokens, tmp_path: Path) -> None:
+    """Due writes wait for the running request (they would take a core from its prefill), unless
+    they waited max_defer seconds; a flush (shutdown) writes at once."""
+
+    def written(store: BlockStore) -> int:
+        return store.disk.blocks_on_disk
+
+    store = store_for(tmp_path / "a")
+    store.disk.set_busy(True)
+    turn(model, store, tokens(3 * SIZE))
+    time.sleep(0.3)
+    assert written(store) == 0 and store.disk.has(next(iter(store.blocks)))
+    store.disk.set_busy(False)
+    deadline = time.monotonic() + 10
+    while written(store) < len(store.blocks) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert written(store) == len(store.blocks)
+
+    late = store_for(tmp_path / "b")
+    late.disk.max_defer = 0.2
+    late.disk.set_busy(True)
+    turn(model, late, tokens(2 * SIZE))
+    deadline = time.monotonic() + 10
+    while written(late) < len(late.blocks) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert written(late) == len(late.blocks)  # written although the request never ended
+
+    flushed = store_for(tmp_path / "c")
+    flushed.disk.set_busy(True)
+    turn(model, flushed, tokens(2 * SIZE))
+    flushed.disk.flush()
+    assert written(flushed) == len(flushed.blocks)
+    for s in (store, late, flushed):
+        s.disk.close()

@@ -153,10 +153,20 @@ def post_request(client: httpx.Client, body: dict[str, Any], headers: dict[str, 
     return message, time.perf_counter() - start, message.get("usage", {})
 
 
+# A user's pause before a main turn (reading the answer, typing), also after a restart: an idle
+# server's first product wakes BLAS threads and cold caches (+~10 ms on the bench model), so a
+# figure that compares a turn after a pause with back-to-back turns compares unlike things.
+THINK_S = 1.0
+PAUSED_KINDS = ("main", "restart")
+
+
 def send(
     client: httpx.Client, out: list[Measured], body: dict[str, Any], headers: dict[str, str], label: str, kind: str
 ) -> dict[str, Any]:
-    """Send one request (streamed or not, as the body says) and record what it cost."""
+    """Send one request (streamed or not, as the body says) and record what it cost; main turns
+    come after a user's pause (THINK_S)."""
+    if kind in PAUSED_KINDS:
+        time.sleep(THINK_S)
     message, ttft, usage = (stream_request if body.get("stream") else post_request)(client, body, headers)
     restored = usage.get("cache_read_input_tokens", 0)
     prefilled = usage.get("input_tokens", 0)
