@@ -34,9 +34,9 @@ from cache_backend.kv_block_keys import DEFAULT_BLOCK_TOKENS, Block, Match, chai
 from cache_backend.kv_blocks import BlockStore
 from cache_backend.kv_files import model_fingerprint, weight_hashes_path
 from cache_backend.prefix_cache import (
-    PrefixCache,
     Restored,
     SaveKind,
+    StoredCache,
     protected_length,
     system_prefix_checkpoint,
 )
@@ -59,7 +59,7 @@ class WarmStart:
     seconds: float = 0.0
 
 
-class BlockCache(PrefixCache):
+class BlockCache(StoredCache):
     def __init__(
         self,
         memory_budget: int,
@@ -190,37 +190,16 @@ class BlockCache(PrefixCache):
     def disk_dir(self) -> Path | None:
         return self._disk_root
 
-    def flush(self) -> None:
-        if self.store.disk is not None:
-            self.store.disk.flush()
-
-    def close(self) -> None:
-        if self.store.disk is not None:
-            self.store.disk.close()
-
     def stats(self) -> dict[str, Any]:
         s = self.store
         disk = s.disk
-        unique = s.unique_tokens()
-        logical = s.logical_tokens()
         return {
             "store": "blocks",
             "block_tokens": s.size,
             "blocks": s.resident_blocks(),
             "disk_blocks": disk.blocks_on_disk if disk else 0,
-            "unique_tokens": unique,
-            "kv_bytes_per_token": round(s.memory_bytes / unique) if unique else 0,
-            "dedup_ratio": round(logical / unique, 3) if unique else 1.0,
-            "memory_bytes": s.memory_bytes,
-            "memory_budget_bytes": s.memory_budget,
-            "disk_bytes": disk.disk_bytes if disk else 0,
-            # Blocks evicted from memory or not yet written, held until their file is durable:
-            # RAM on top of memory_budget_bytes.
-            "disk_pending_bytes": disk.pending_bytes if disk else 0,
-            "disk_bytes_written": disk.bytes_written if disk else 0,
+            **self.storage_stats(s.memory_bytes, s.unique_tokens(), s.logical_tokens()),
             "disk_blocks_written": disk.blocks_written if disk else 0,
-            # Request number (1 = the first since start) -> bytes its saves caused to be written.
-            "disk_bytes_written_by_request": disk.written_by_request.snapshot() if disk else {},
             "disk_budget_bytes": s.disk_budget if disk else 0,
             "blocks_created": s.created,
             # The last request's cache, kept for the next turn of its conversation: RAM on top
@@ -234,7 +213,6 @@ class BlockCache(PrefixCache):
             "warm_start_seconds": self.warm.seconds,
             "evictions": s.evictions,
             "superseded": s.superseded,
-            "bad_files_removed": disk.removed_bad if disk else 0,
         }
 
     def describe(self) -> str:

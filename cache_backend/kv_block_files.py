@@ -20,7 +20,8 @@ unreadable, damaged, made for another model or not a regular file is removed (on
 start): a bad block costs a prefill of its span, never a wrong answer or a failed start.
 
 Beside the blocks, `recent.json` names the ends of the conversations served last (a few hundred
-bytes, rewritten after each answer), so a restart knows which blocks to load back first.
+bytes, rewritten after each answer), so a restart knows which blocks to load back first. The
+files' format is in kv_block_format.py.
 """
 
 from __future__ import annotations
@@ -28,69 +29,31 @@ from __future__ import annotations
 import base64
 import heapq
 import itertools
-import json
 import logging
 import os
 import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
-import xxhash
 
 from cache_backend import files
 from cache_backend.kv_arrays import BlockArrays, Layout, Views, copy_into, layout_of
+from cache_backend.kv_block_format import (
+    CHECKED_FIELDS,
+    FORMAT,
+    block_checksum,
+    checksum_start,
+    header_tensors,
+    read_recent,
+    write_recent,
+)
 from cache_backend.kv_block_keys import Block, block_key
-from cache_backend.kv_files import BytesByRequest, array_bytes, safetensors_header
+from cache_backend.kv_files import BytesByRequest, safetensors_header
 
-FORMAT = "ccwarm-kv-block/1"
-RECENT_NAME = "recent.json"
-RECENT_FORMAT = "ccwarm-kv-recent/1"
-
-_CHECKED = ("format", "model", "key", "parent", "start", "protected", "kind")
 log = logging.getLogger("ccwarm.kv_block_files")
-
-
-def _checksum_start(tokens: np.ndarray, fields: dict[str, str]) -> xxhash.xxh3_64:
-    h = xxhash.xxh3_64(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
-    for k in sorted(fields):
-        h.update(f"{k}={fields[k]}\n".encode())
-    return h
-
-
-def block_checksum(tokens: np.ndarray, fields: dict[str, str], arrays: BlockArrays) -> str:
-    """xxh3-64 over tokens, metadata and tensor bytes, in the order a restore reads them back:
-    per layer keys then values, each head's rows in turn. The threat is damage, not an attacker;
-    xxh3 runs at ~10 GB/s here (CRC-32 at ~2), and it is part of every restore from disk."""
-    h = _checksum_start(tokens, fields)
-    for layer, (k, v) in enumerate(arrays):
-        for name, a in (("k", k), ("v", v)):
-            h.update(f"{name}.{layer}:{a.dtype}{tuple(a.shape)}".encode())
-            h.update(array_bytes(a))
-    return h.hexdigest()
-
-
-# safetensors dtype names <-> MLX (what save_safetensors writes for a KV cache's dtypes).
-_MX_DTYPE = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
-
-
-def _tensors(header: dict) -> list[tuple[tuple[str, Any, list[int], int], tuple[str, Any, list[int], int]]]:
-    """Per layer, ((name, MLX dtype, shape, data offset) of the keys, the same of the values)."""
-    layers = []
-    for layer in range(sum(1 for name in header if name.startswith("k."))):
-        pair = []
-        for name in ("k", "v"):
-            t = header[f"{name}.{layer}"]
-            if t["dtype"] not in _MX_DTYPE or len(t["shape"]) != 4:
-                raise ValueError(f"{name}.{layer}: dtype {t['dtype']}, shape {t['shape']}")
-            pair.append((name, _MX_DTYPE[t["dtype"]], t["shape"], t["data_offsets"][0]))
-        layers.append(tuple(pair))
-    if not layers:
-        raise ValueError("no tensors")
-    return layers
 
 
 class BlockFiles:
@@ -231,29 +194,14 @@ class BlockFiles:
     # -- the conversations served last ----------------------------------------------------------
 
     def save_recent(self, ends: list[tuple[bytes, bytes]], request: int) -> None:
-        """Record the conversations served last, newest first, each as (its deepest block, its
-        deepest whole block): a tail is written seconds after its turn, and a crash may lose it."""
-        data = json.dumps({"format": RECENT_FORMAT, "ends": [[a.hex(), b.hex()] for a, b in ends]}).encode()
-        tmp = self.dir / f".{RECENT_NAME}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.dir / RECENT_NAME)
+        """Record the conversations served last (see kv_block_format.write_recent)."""
+        n = write_recent(self.dir, ends)
         with self._cond:
-            self.bytes_written += len(data)
-        self.written_by_request.add(request, len(data))
+            self.bytes_written += n
+        self.written_by_request.add(request, n)
 
     def load_recent(self) -> list[tuple[bytes, bytes]]:
-        """What `save_recent` recorded; nothing (and one warning) if the record is unusable."""
-        path = self.dir / RECENT_NAME
-        try:
-            data = json.loads(path.read_bytes())
-            if data.get("format") != RECENT_FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {RECENT_FORMAT!r}")
-            return [(bytes.fromhex(a), bytes.fromhex(b)) for a, b in data["ends"]]
-        except FileNotFoundError:
-            return []
-        except Exception as e:  # noqa: BLE001 - a bad record costs the warm start, never a failed start
-            log.warning(f"kv cache: ignoring {path} ({type(e).__name__}: {e})"[:300])
-            return []
+        return read_recent(self.dir)
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -266,7 +214,7 @@ class BlockFiles:
         if queued is not None:
             return layout_of(queued[1])
         try:
-            tensors = _tensors(safetensors_header(self.path(block.key)))
+            tensors = header_tensors(safetensors_header(self.path(block.key)))
             return [(k[2][1], k[2][3], v[2][3], k[1]) for k, v in tensors]
         except OSError as e:
             if not isinstance(e, FileNotFoundError):
@@ -301,9 +249,9 @@ class BlockFiles:
                 parent = bytes.fromhex(meta["parent"])
                 if not np.array_equal(tokens, block.tokens) or block_key(parent, tokens) != block.key:
                     raise ValueError("tokens do not hash to the block's key")
-                fields = {k: meta.get(k, "") for k in _CHECKED}
-                digest = _checksum_start(tokens, fields)
-                tensors = _tensors(header)
+                fields = {k: meta.get(k, "") for k in CHECKED_FIELDS}
+                digest = checksum_start(tokens, fields)
+                tensors = header_tensors(header)
                 if len(tensors) != len(views):
                     raise ValueError(f"{len(tensors)} layers, the model has {len(views)}")
                 for layer, (pair, dest) in enumerate(zip(tensors, views, strict=True)):

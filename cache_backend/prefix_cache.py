@@ -91,6 +91,41 @@ class PrefixCache(ABC):
         return None
 
 
+class StoredCache(PrefixCache):
+    """What the block and the snapshot cache share: a `store` whose optional disk tier
+    (`store.disk`) is flushed and closed through it, and the same storage figures."""
+
+    store: Any
+
+    def flush(self) -> None:
+        if self.store.disk is not None:
+            self.store.disk.flush()
+
+    def close(self) -> None:
+        if self.store.disk is not None:
+            self.store.disk.close()
+
+    def storage_stats(self, memory_bytes: int, unique: int, logical: int) -> dict[str, Any]:
+        """Figures both stores report: `unique` distinct cached tokens (a trie's count), `logical`
+        what whole copies of every stored sequence would hold."""
+        disk = self.store.disk
+        return {
+            "unique_tokens": unique,
+            "kv_bytes_per_token": round(memory_bytes / unique) if unique else 0,
+            "dedup_ratio": round(logical / unique, 3) if unique else 1.0,
+            "memory_bytes": memory_bytes,
+            "memory_budget_bytes": self.store.memory_budget,
+            "disk_bytes": disk.disk_bytes if disk else 0,
+            # Evicted from memory or not yet written, held until the file is durable: RAM on top
+            # of memory_budget_bytes.
+            "disk_pending_bytes": disk.pending_bytes if disk else 0,
+            "disk_bytes_written": disk.bytes_written if disk else 0,
+            # Request number (1 = the first since start) -> bytes its saves caused to be written.
+            "disk_bytes_written_by_request": disk.written_by_request.snapshot() if disk else {},
+            "bad_files_removed": disk.removed_bad if disk else 0,
+        }
+
+
 def system_prefix_checkpoint(prompt: RenderedPrompt, n_restored: int) -> tuple[int, ...]:
     """The end of system + tools, when the prefill will pass it: what every later request of any
     conversation shares, so both stores snapshot there (and untrimmable caches can only reuse

@@ -17,9 +17,9 @@ from cache_backend.kv_disk import DiskTier
 from cache_backend.kv_files import model_fingerprint, weight_hashes_path
 from cache_backend.kv_snapshots import SnapshotStore
 from cache_backend.prefix_cache import (
-    PrefixCache,
     Restored,
     SaveKind,
+    StoredCache,
     protected_length,
     system_prefix_checkpoint,
 )
@@ -29,7 +29,7 @@ from cache_backend.token_prefix import unique_in_trie
 log = logging.getLogger("ccwarm.snapshot_cache")
 
 
-class SnapshotCache(PrefixCache):
+class SnapshotCache(StoredCache):
     def __init__(
         self, memory_budget: int, disk_dir: Path | None = None, disk_budget: int = 0, model_dir: Path | None = None
     ) -> None:
@@ -67,14 +67,6 @@ class SnapshotCache(PrefixCache):
     def disk_dir(self) -> Path | None:
         return self.store.disk.dir if self.store.disk is not None else None
 
-    def flush(self) -> None:
-        if self.store.disk is not None:
-            self.store.disk.flush()
-
-    def close(self) -> None:
-        if self.store.disk is not None:
-            self.store.disk.close()
-
     def stats(self) -> dict[str, Any]:
         s = self.store.stats()
         disk = self.store.disk
@@ -83,24 +75,12 @@ class SnapshotCache(PrefixCache):
         return {
             "store": "snapshots",
             "snapshots": s.snapshots,
-            "unique_tokens": unique,
-            "kv_bytes_per_token": round(s.memory_bytes / unique) if unique else 0,
-            "dedup_ratio": round(sum(len(x) for x in snaps) / unique, 3) if unique else 1.0,
             "disk_snapshots": len(disk.entries()) if disk else 0,
-            "memory_bytes": s.memory_bytes,
-            "memory_budget_bytes": self.store.memory_budget,
-            "disk_bytes": disk.disk_bytes if disk else 0,
-            # Snapshots evicted from memory or not yet written, held until their file is durable:
-            # RAM on top of memory_budget_bytes.
-            "disk_pending_bytes": disk.pending_bytes if disk else 0,
-            "disk_bytes_written": disk.bytes_written if disk else 0,
-            # Request number (1 = the first since start) -> bytes its saves caused to be written.
-            "disk_bytes_written_by_request": disk.written_by_request.snapshot() if disk else {},
+            **self.storage_stats(s.memory_bytes, unique, sum(len(x) for x in snaps)),
             "disk_budget_bytes": disk.budget if disk else 0,
             "evictions": s.evictions,
             "superseded": s.superseded,
             "truncations": s.truncations,
-            "bad_files_removed": disk.removed_bad if disk else 0,
         }
 
     def describe(self) -> str:
