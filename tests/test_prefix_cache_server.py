@@ -247,20 +247,18 @@ def kept_tokens(srv: ServerProcess) -> int:
     return int(re.findall(r"kept its partial prefill: (\d+) of", srv.log())[-1])
 
 
+def streamed_body(messages: list[dict]) -> dict:
+    """A greedy, streamed request with the system prompt and tools: long to prefill."""
+    return {"model": "claude-x", "max_tokens": 8, "stream": True, "system": SYSTEM, "tools": TOOLS,
+            "messages": messages, "temperature": 0}  # fmt: skip
+
+
 def test_a_dropped_prefill_is_resumed_by_the_retry(tiny_model_dir, tmp, reference) -> None:
     """A client drops mid-prefill; the same request again prefills only the rest, answers as cold."""
     srv = start(tiny_model_dir, tmp, "resume", "--test-slow-prefill", "0.002", "--ping-interval", "0.1")
     try:
         long_history = [user("Read this carefully. " + " ".join(f"line {i} of the log" for i in range(300)))]
-        body = {
-            "model": "claude-x",
-            "max_tokens": 8,
-            "stream": True,
-            "system": SYSTEM,
-            "tools": TOOLS,
-            "messages": long_history,
-            "temperature": 0,
-        }
+        body = streamed_body(long_history)
         read_for(srv, body, 1.5)  # well past system + tools, then walk away
         deadline = time.monotonic() + 30
         while "kept its partial prefill" not in srv.log() and time.monotonic() < deadline:
@@ -280,15 +278,7 @@ def test_a_prefill_stopped_by_shutdown_resumes_after_the_restart(tiny_model_dir,
         tiny_model_dir, tmp, "shutdown-1", "--test-slow-prefill", "0.002", "--ping-interval", "0.1", cache_dir=cache_dir
     )
     history = [user("Shut down in the middle of this. " + " ".join(f"row {i} of the table" for i in range(300)))]
-    body = {
-        "model": "claude-x",
-        "max_tokens": 8,
-        "stream": True,
-        "system": SYSTEM,
-        "tools": TOOLS,
-        "messages": history,
-        "temperature": 0,
-    }
+    body = streamed_body(history)
     try:
         read_for(srv, body, 1.5, then=srv.stop)  # SIGTERM while the prefill runs
     finally:
