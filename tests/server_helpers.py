@@ -1,4 +1,5 @@
-"""Helpers for the cache_backend server tests: the tiny model, a real server subprocess, SSE parsing."""
+"""Helpers for the cache_backend server tests: the tiny model, a real server subprocess, SSE parsing,
+and the scripted server that the test_server_api_*.py files share."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
+import pytest
 
 from ccwarm import server_proc
 
@@ -80,3 +83,49 @@ def stream_raw(url: str, body: dict[str, Any], headers: dict[str, str] | None = 
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         return r.read().decode()
+
+
+# --- the Messages API tests' server (test_server_api_*.py import these fixtures) ---------------
+
+TOOLS = [
+    {
+        "name": "get_weather",
+        "description": "Current weather for a city.",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+]
+TOOL_REPLY = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+SCRIPT = [
+    {"when": "weather in Paris", "reply": TOOL_REPLY},
+    {"when": "sunny-42", "reply": "It is sunny in Paris."},
+    {"when": "say-stop-please", "reply": "alpha beta STOP gamma"},
+    {"when": "title-please", "reply": '```json\n{"title": "Paris weather"}\n```'},
+    {"when": "fail-midway", "reply": "one two three four five six", "fail_after_tokens": 2},
+    {"when": "bad-markup", "reply": "<tool_call>\n{not json}\n</tool_call>"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model"), max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("server")
+    script = d / "script.json"
+    script.write_text(json.dumps(SCRIPT))
+    srv = ServerProcess(
+        tiny_model, d / "server.log", "--test-forced-replies", str(script), "--ping-interval", "2", "--max-body", "2MB"
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server: ServerProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key="anything", max_retries=0, timeout=60)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
