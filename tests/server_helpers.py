@@ -1,5 +1,5 @@
 """Helpers for the cache_backend server tests: the tiny model, a real server subprocess, SSE parsing,
-and the scripted server that the test_server_api_*.py files share."""
+request bodies, and the scripted server that the test_server_api_*.py files share."""
 
 from __future__ import annotations
 
@@ -83,6 +83,11 @@ def stream_raw(url: str, body: dict[str, Any], headers: dict[str, str] | None = 
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         return r.read().decode()
+
+
+def base(**kw: Any) -> dict[str, Any]:
+    """A minimal valid Messages request body, with `kw` added or replaced."""
+    return {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], **kw}
 
 
 # --- the Messages API tests' server (test_server_api_*.py import these fixtures) ---------------
