@@ -160,9 +160,7 @@ class BlockStore:
         used = next((i for i, good in enumerate(ok) if good is not True), len(parts))
         if used < len(parts) and ok[used] is False:  # damaged: it and what continues it go
             self._remove_subtree(parts[used][0])
-        now = next(self._clock)
-        for block, _ in parts[:used]:
-            block.last_used = now
+        self.touch([block for block, _ in parts[:used]])
         length = starts[used]
         if length == 0:
             return [], 0, False
