@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -78,6 +79,23 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+@functools.cache
+def _numpy_blas() -> tuple[Callable[[int], None], Callable[[], int]] | None:
+    """Setter and getter of the thread count of NumPy's own OpenBLAS; None where it cannot be found."""
+    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    for lib in sorted(libs.glob("libscipy_openblas*.so*")):
+        try:
+            handle = ctypes.CDLL(str(lib))
+        except OSError:
+            continue
+        for suffix in ("64_", ""):
+            setter = getattr(handle, f"scipy_openblas_set_num_threads{suffix}", None)
+            getter = getattr(handle, f"scipy_openblas_get_num_threads{suffix}", None)
+            if setter is not None and getter is not None:
+                return (lambda n, set_=setter: set_(ctypes.c_int(n))), (lambda get=getter: int(get()))
+    return None
+
+
 def _numpy_blas_single_threaded() -> bool:
     """Make NumPy's own OpenBLAS run each call on one thread; False where it cannot be found.
 
@@ -86,18 +104,26 @@ def _numpy_blas_single_threaded() -> bool:
     Measured on 2 cores, 2k-token prefill of the default model: 89 tokens/s with both at 2
     threads, 163 with NumPy's at 1 (the tiles above bring the parallelism back).
     """
-    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
-    for lib in sorted(libs.glob("libscipy_openblas*.so*")):
-        try:
-            handle = ctypes.CDLL(str(lib))
-        except OSError:
-            continue
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
-            setter = getattr(handle, name, None)
-            if setter is not None:
-                setter(ctypes.c_int(1))
-                return True
-    return False
+    blas = _numpy_blas()
+    if blas is not None:
+        blas[0](1)
+    return blas is not None
+
+
+@contextlib.contextmanager
+def numpy_blas_threads(n: int) -> Iterator[None]:
+    """Run NumPy's OpenBLAS on ``n`` threads inside the block (for work where MLX's BLAS is idle,
+    such as cpu_decode's steps), then restore the count it had."""
+    blas = _numpy_blas()
+    if blas is None:
+        yield
+        return
+    previous = blas[1]()
+    blas[0](n)
+    try:
+        yield
+    finally:
+        blas[0](previous)
 
 
 def _as_numpy(a: mx.array) -> np.ndarray:

@@ -12,7 +12,9 @@ Why not mlx-lm's `generate_step` / `stream_generate`: they prefill in fixed step
 progress callback, so they cannot stop inside a prefill, keep what it computed, pause at the
 snapshot points the prefix cache asks for, or size steps to a time budget; and their decode loop
 has no place for forced tokens (a tool-call or JSON opening) or a wall-clock deadline. What fits
-is reused: `make_sampler` for sampling, the mlx-lm cache classes and their trim functions.
+is reused: `make_sampler` for sampling, the mlx-lm cache classes and their trim functions. A
+decode step runs in cpu_decode.py where it covers the model (float32 Llama on the CPU), else
+through the model's own forward pass.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from cache_backend.cpu_decode import NumpyDecoder
 from cache_backend.detok import IncrementalDetokenizer
 from cache_backend.jobs import (
     Failed,
@@ -66,8 +69,10 @@ class Engine:
         checkpoint_seconds: float = 30.0,
         on_output: Callable[[str, list[int]], None] | None = None,
         metrics: ServerMetrics | None = None,
+        decoder: NumpyDecoder | None = None,
     ) -> None:
         self.model = model
+        self.decoder = decoder  # one decode step (cpu_decode.NumpyDecoder); None: the model's forward
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache or NoCache()
         self.prefill = ChunkedPrefill(model, self.prefix_cache, prefill_chunk, chunk_seconds, checkpoint_seconds)
@@ -121,10 +126,20 @@ class Engine:
             cache = make_prompt_cache(self.model)
             tokens = mx.arange(WARMUP_TOKENS)[None] % (getattr(self.tokenizer, "vocab_size", None) or WARMUP_TOKENS)
             logits = self.model(tokens, cache=cache)[:, -1, :]
+            mx.eval(logits)
+            logits = self._step(0, cache)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             mx.eval(make_sampler(1.0, top_p=0.9, top_k=5)(logprobs), make_sampler(0.0)(logprobs))
         except Exception:
             log.exception("warm-up failed (continuing)")
+
+    def _step(self, tok: int, cache: list[Any]) -> mx.array:
+        """Feed one token; its logits, evaluated."""
+        if self.decoder is not None and self.decoder.covers(cache):
+            return self.decoder(tok, cache)
+        logits = self.model(mx.array([[tok]]), cache=cache)[:, -1, :]
+        mx.eval(logits)
+        return logits
 
     def _warm_start(self) -> None:
         try:
@@ -276,8 +291,7 @@ class Engine:
             if len(out) >= p.max_tokens:
                 cause = "context_window" if p.context_cut else "max_tokens"
                 break
-            logits = self.model(mx.array([[tok]]), cache=cache)[:, -1, :]
-            mx.eval(logits)
+            logits = self._step(tok, cache)
             fed += 1
         if cause not in ("stop_sequence", "json_complete"):  # text held back may still be released
             piece = detok.finish()

@@ -3,8 +3,9 @@
 
 Runs the server's own Engine (the single MLX worker, chunked prefill, the decode loop) with no
 prefix cache, on the tiny benchmark models and on the bundled default model, once per attention
-implementation (``--attention numpy mlx``: see ``cache_backend/cpu_attention.py``), with the
-BLAS the server would preload. Prints a table and writes JSON with the machine it ran on. The
+implementation (``--attention numpy mlx``: see ``cache_backend/cpu_attention.py``) and decode
+step (``--decoder numpy mlx``: see ``cache_backend/cpu_decode.py``; MLX attention runs with MLX
+decode only), with the BLAS the server would preload. Prints a table and writes JSON with the machine it ran on. The
 default model at 20k tokens takes several minutes on a 2-core CPU.
 
     .venv/bin/python scripts/bench_backend.py [--sizes 1000 8000 25000] [--default-sizes 1000 8000 20000]
@@ -63,14 +64,16 @@ def measure(engine: Engine, n_prompt: int, n_decode: int, seed: int) -> dict[str
             continue
 
 
-def bench_model(name: str, model_dir: str, sizes: list[int], n_decode: int, attention: str) -> list[dict]:
+def bench_model(name: str, model_dir: str, sizes: list[int], n_decode: int, attention: str, decoder: str) -> list[dict]:
     from mlx_lm import load
 
     from cache_backend.cpu_attention import install
+    from cache_backend.cpu_decode import decoder_for
 
     model, tokenizer = load(model_dir)
     attention = install(model, attention)
-    engine = Engine(model, tokenizer, prefill_chunk=512)
+    numpy_decoder = decoder_for(model, decoder)
+    engine = Engine(model, tokenizer, prefill_chunk=512, decoder=numpy_decoder)
     engine.start()
     rows = []
     try:
@@ -79,6 +82,7 @@ def bench_model(name: str, model_dir: str, sizes: list[int], n_decode: int, atte
             row = measure(engine, n, n_decode, seed=n)
             row["model"] = name
             row["attention"] = attention.split()[0]
+            row["decoder"] = "numpy" if numpy_decoder is not None else "mlx"
             rows.append(row)
     finally:
         engine.stop()
@@ -103,6 +107,13 @@ def main() -> int:
         default=[1000, 8000],
         help="default-model sizes for --attention mlx (its CPU attention makes 20k take an hour)",
     )
+    ap.add_argument(
+        "--decoder",
+        nargs="+",
+        choices=("numpy", "mlx"),
+        default=["numpy", "mlx"],
+        help="decode steps to run side by side with NumPy attention (default: both)",
+    )
     ap.add_argument("--decode", type=int, default=32, help="tokens to decode per request")
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     ap.add_argument("--json", type=Path, default=REPO / "artifacts" / "bench_backend.json")
@@ -123,24 +134,29 @@ def main() -> int:
         ),
     }
     rows = []
-    for mode in args.attention:
+    runs = [(a, d) for a in args.attention for d in args.decoder if a != "mlx" or d == "mlx"]
+    for attention, decoder in runs:
         for name, path in models.items():
-            rows += bench_model(name, path, args.sizes, args.decode, mode)
+            rows += bench_model(name, path, args.sizes, args.decode, attention, decoder)
         if args.default_sizes:
             from cache_backend.default_model import ensure_default_model
 
             rows += bench_model(
                 "SmolLM2-135M (default)",
                 str(ensure_default_model(args.cache_dir)),
-                args.mlx_default_sizes if mode == "mlx" else args.default_sizes,
+                args.mlx_default_sizes if attention == "mlx" else args.default_sizes,
                 args.decode,
-                mode,
+                attention,
+                decoder,
             )
 
-    print(f"\n{'model':<42}{'attention':>10}{'prompt':>8}{'TTFT s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}")
+    print(
+        f"\n{'model':<42}{'attention':>10}{'decoder':>8}{'prompt':>8}{'TTFT s':>9}{'prefill tok/s':>15}"
+        f"{'decode tok/s':>14}"
+    )
     for r in rows:
         print(
-            f"{r['model']:<42}{r['attention']:>10}{r['prompt_tokens']:>8}{r['ttft_s']:>9.2f}"
+            f"{r['model']:<42}{r['attention']:>10}{r['decoder']:>8}{r['prompt_tokens']:>8}{r['ttft_s']:>9.2f}"
             f"{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
         )
     machine = {
