@@ -7,17 +7,19 @@ microseconds of overhead each. Measured on this project's 2-core x86-64 machine,
 SmolLM2-135M (float32, 30 layers), one decode step:
 
     context     MLX + cpu_attention     this module
-    1k               82 ms                  ~35 ms
-    12k             196-199 ms               ~93 ms
+    1k               82 ms                 42-46 ms
+    12k             196-199 ms             93-100 ms
 
 Decode reads every weight and, at long context, the whole KV cache once per token, so it is
-memory-bound: what matters is reading at the speed memory delivers (NumPy's matrix-vector
-products reach ~27 GB/s on the two cores) and nothing else.
+memory-bound: what matters is reading at the speed memory delivers and doing little else. Here
+the weights' matrix-vector products stream at ~20 GB/s (27 ms of the 1k step); the attention
+reads the cache at ~8.5 GB/s (~65 ms at 12k). Splitting the attention's context across two
+threads, or matrix-vector products per query head in cache-sized chunks, measured slower.
 
-What it covers (:func:`covers`): mlx-lm's ``llama`` model class with float32 weights, no
-biases, plain ``nn.RoPE`` (no RoPE scaling), full attention in every layer, and a cache of plain
-``KVCache`` layers that already hold at least one token. Anything else decodes through the
-model's own forward pass, unchanged.
+What it covers (``_why_not`` for the model, ``NumpyDecoder.covers`` for the cache): mlx-lm's
+``llama`` model class with float32 weights, no biases, plain ``nn.RoPE`` (no RoPE scaling), full
+attention in every layer, and a cache of plain ``KVCache`` layers that already hold at least one
+token. Anything else decodes through the model's own forward pass, unchanged.
 
 How: the weights are NumPy views of the model's MLX arrays (no copy). A step reads the cached
 keys and values through NumPy views, attends over them and the new token's own key and value,
@@ -30,6 +32,7 @@ rounding; the tests compare greedy outputs token for token.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import mlx.core as mx
@@ -105,14 +108,15 @@ class _Layer:
 class NumpyDecoder:
     """Computes ``model(token, cache)``'s logits for one token, for the models :func:`covers` accepts."""
 
-    def __init__(self, model: Any, threads: int = 2) -> None:
+    def __init__(self, model: Any, threads: int | None = None) -> None:
         reason = _why_not(model)
         if reason is not None:
             raise ValueError(f"NumPy decode does not cover this model: {reason}")
         inner = model.model
         attn = inner.layers[0].self_attn
         self.model = model
-        self.threads = threads
+        # MLX's BLAS is idle during a step, so NumPy's may use every core (measured on 2).
+        self.threads = threads or min(8, os.cpu_count() or 1)
         self.heads, self.kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
         self.scale = np.float32(attn.scale)
         rope = attn.rope
