@@ -107,7 +107,7 @@ class _Layer:
 
 
 class NumpyDecoder:
-    """Computes ``model(token, cache)``'s logits for one token, for the models :func:`covers` accepts."""
+    """Computes ``model(token, cache)``'s logits for one token, for the models ``_why_not`` accepts."""
 
     def __init__(self, model: Any, threads: int | None = None) -> None:
         reason = _why_not(model)
@@ -174,8 +174,7 @@ class NumpyDecoder:
                 q = self._rope((layer.q @ h).reshape(self.heads, self.head_dim), pos) * self.scale
                 k = self._rope((layer.k @ h).reshape(self.kv_heads, self.head_dim), pos)
                 v = (layer.v @ h).reshape(self.kv_heads, self.head_dim)
-                keys = np.asarray(memoryview(c.keys))[0, :, :pos]
-                values = np.asarray(memoryview(c.values))[0, :, :pos]
+                keys, values = _view(c.keys)[0, :, :pos], _view(c.values)[0, :, :pos]
                 x = x + layer.o @ self._attend(q, k, v, keys, values)
                 h = _rms_norm(x, layer.norm2, layer.eps)
                 gate = layer.gate @ h
