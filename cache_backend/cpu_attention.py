@@ -47,7 +47,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -79,8 +79,13 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+class _ThreadCount(NamedTuple):
+    set: Callable[[int], None]
+    get: Callable[[], int]
+
+
 @functools.cache
-def _numpy_blas() -> tuple[Callable[[int], None], Callable[[], int]] | None:
+def _numpy_blas() -> _ThreadCount | None:
     """Setter and getter of the thread count of NumPy's own OpenBLAS; None where it cannot be found."""
     libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
     for lib in sorted(libs.glob("libscipy_openblas*.so*")):
@@ -92,7 +97,7 @@ def _numpy_blas() -> tuple[Callable[[int], None], Callable[[], int]] | None:
             setter = getattr(handle, f"scipy_openblas_set_num_threads{suffix}", None)
             getter = getattr(handle, f"scipy_openblas_get_num_threads{suffix}", None)
             if setter is not None and getter is not None:
-                return (lambda n, set_=setter: set_(ctypes.c_int(n))), (lambda get=getter: int(get()))
+                return _ThreadCount(lambda n, set_=setter: set_(ctypes.c_int(n)), lambda get=getter: int(get()))
     return None
 
 
@@ -106,7 +111,7 @@ def _numpy_blas_single_threaded() -> bool:
     """
     blas = _numpy_blas()
     if blas is not None:
-        blas[0](1)
+        blas.set(1)
     return blas is not None
 
 
@@ -118,12 +123,12 @@ def numpy_blas_threads(n: int) -> Iterator[None]:
     if blas is None:
         yield
         return
-    previous = blas[1]()
-    blas[0](n)
+    previous = blas.get()
+    blas.set(n)
     try:
         yield
     finally:
-        blas[0](previous)
+        blas.set(previous)
 
 
 def _as_numpy(a: mx.array) -> np.ndarray:

@@ -136,9 +136,12 @@ class NumpyDecoder:
             type(c) is KVCache and c.keys is not None and c.offset > 0 for c in cache
         )
 
-    def _rope(self, x: np.ndarray, pos: int) -> np.ndarray:
+    def _rotation(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """RoPE's cos and sin at ``pos``: the same for every layer, so computed once a step."""
         angles = pos * self.inv_freq
-        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+    def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         d = self.rope_dims
         out = x.copy()
         if self.rope_traditional:  # rotate interleaved pairs (0,1), (2,3), ...
@@ -167,12 +170,13 @@ class NumpyDecoder:
         """Logits for ``token`` fed at the cache's end, shape (1, vocab); the cache then holds it."""
         pos = cache[0].offset
         new_kv: list[tuple[np.ndarray, np.ndarray]] = []
+        cos, sin = self._rotation(pos)
         with numpy_blas_threads(self.threads):
             x = self.embed[token].copy()
             for layer, c in zip(self.layers, cache, strict=True):
                 h = _rms_norm(x, layer.norm1, layer.eps)
-                q = self._rope((layer.q @ h).reshape(self.heads, self.head_dim), pos) * self.scale
-                k = self._rope((layer.k @ h).reshape(self.kv_heads, self.head_dim), pos)
+                q = self._rope((layer.q @ h).reshape(self.heads, self.head_dim), cos, sin) * self.scale
+                k = self._rope((layer.k @ h).reshape(self.kv_heads, self.head_dim), cos, sin)
                 v = (layer.v @ h).reshape(self.kv_heads, self.head_dim)
                 keys, values = _view(c.keys)[0, :, :pos], _view(c.values)[0, :, :pos]
                 x = x + layer.o @ self._attend(q, k, v, keys, values)
