@@ -82,7 +82,7 @@ class _Messages:
                     for j in range(j1, j2):
                         self.c.changes.append(self._appended(mb[j], j))
                     continue
-                roles = {m.get("role") if isinstance(m, dict) else None for m in mb[j1:j2]}
+                roles = {rb[j][0] for j in range(j1, j2)}  # rendered: a role of any JSON type is a str
                 what = "role:system message" if roles == {"system"} else "message"
                 text = "".join(rb[j1][1])
                 self.c._break(
