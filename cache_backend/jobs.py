@@ -21,8 +21,9 @@ class GenerationParams:
     max_tokens: int
     context_cut: bool = False  # max_tokens was lowered to fit the context limit
     temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
+    top_p: float = 0.0  # 0: no truncation
+    top_k: int = 0
+    min_p: float = 0.0
     stop_sequences: tuple[str, ...] = ()
     tool_syntax: ToolCallSyntax | None = None
     json_schema: dict[str, Any] | None = None

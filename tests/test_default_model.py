@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cache_backend.default_model import (
+    CARD_SAMPLING,
     DEFAULT_MODEL_NAME,
     MARKER_NAME,
     default_model_metadata,
@@ -70,6 +71,10 @@ def test_layout(converted: tuple[Path, Path, float]) -> None:
     assert cfg["max_position_embeddings"] == 8192
     assert cfg["tie_word_embeddings"] is True
     assert cfg["eos_token_id"] == 2
+
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, **CARD_SAMPLING}
+    assert CARD_SAMPLING == {"temperature": 0.2, "top_p": 0.9}  # the model card's
 
     tcfg = json.loads((path / "tokenizer_config.json").read_text())
     assert tcfg["eos_token"] == "<|im_end|>"
