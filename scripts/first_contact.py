@@ -13,7 +13,10 @@ more than one request for one turn), how many of them resumed a partial prefill,
 prefilled against the ideal (each prompt token computed once). Figures come from the server's
 `/v1/cache/requests`. Long on a CPU (minutes): not part of `make test`.
 
-    .venv/bin/python scripts/first_contact.py [--json artifacts/first_contact.json] [--no-ui]
+`make run` starts Claude Code in its bare mode for the bundled model (CLAUDE_CODE_SIMPLE=1 in its
+line: a ~1.2k-token prompt); --full-prompt drops that to measure Claude Code's full prompt.
+
+    .venv/bin/python scripts/first_contact.py [--json artifacts/first_contact.json] [--no-ui] [--full-prompt]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ccwarm.testing.tmux import TerminalError, Tmux, wait_screen
 
 TURN_TIMEOUT = 1800.0
 DEFAULT_JSON = REPO / "artifacts" / "first_contact.json"
+BARE = "CLAUDE_CODE_SIMPLE=1"  # what run_stack.claude_env adds for the bundled model
 
 
 class Stack:
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--no-ui", action="store_true", help="skip the interactive UI step")
+    ap.add_argument("--full-prompt", action="store_true", help=f"drop {BARE} from make run's line")
     args = ap.parse_args(argv)
     # A SIGTERM (e.g. from `timeout`) takes the normal exit path, so the stack below is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -197,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         line = stack.wait_ready()
         result["stack_up_s"] = round(time.monotonic() - t0, 1)
+        if args.full_prompt:
+            line = " ".join(part for part in shlex.split(line) if part != BARE)
         result["env_line"] = line
+        result["bare"] = BARE in shlex.split(line)
         env = env_from(line, home)
         steps = [("say hi", False), ("Now say it in French.", True)]
         for prompt, cont in tqdm(steps, desc="claude -p", unit="turn"):

@@ -19,8 +19,8 @@ import time
 from ccwarm.harness import BIN, REPO, stop_process, wait_for_port
 from ccwarm.server_proc import ServerProcess
 
-# SmolLM2 was trained on 8k tokens, but Claude Code's first prompt is ~29k tokens (-p) to ~32k
-# (interactive) and grows every turn: raised so the whole chain works out of the box.
+# SmolLM2 was trained on 8k tokens, but Claude Code's full first prompt is 12-22k tokens and every
+# prompt grows each turn: raised so the whole chain works out of the box.
 DEFAULT_MAX_CONTEXT = 65536
 ADDONS = ("addons/normalize.py", "addons/stability.py")
 
@@ -42,7 +42,7 @@ def web_token() -> tuple[str, str]:
 DEFAULT_MAX_OUTPUT = 8192  # the server's output cap, told to Claude Code so its limits match
 
 
-def claude_env(proxy_port: int, max_context: int | None, max_output: int | None) -> str:
+def claude_env(proxy_port: int, max_context: int | None, max_output: int | None, bare: bool = False) -> str:
     """The environment line that points Claude Code at the proxy with limits that match the server.
 
     - a model name the CLI does not know, so it reads the window from CLAUDE_CODE_MAX_CONTEXT_TOKENS
@@ -50,7 +50,10 @@ def claude_env(proxy_port: int, max_context: int | None, max_output: int | None)
       compacts before the server must refuse; any claude-* name is served by the local model;
     - CLAUDE_CODE_MAX_OUTPUT_TOKENS = the server's cap, so a cut answer is reported against it;
     - CLAUDE_STREAM_IDLE_TIMEOUT_MS / API_TIMEOUT_MS: 30 minutes, for CPU prefills of a long first
-      prompt (the progress block keeps the stream alive anyway; these cover a queued request).
+      prompt (the progress block keeps the stream alive anyway; these cover a queued request);
+    - bare: CLAUDE_CODE_SIMPLE=1 (what `claude --bare` sets), for the bundled model: Claude Code's
+      minimal prompt (3 tools, ~1.2k tokens) fits the 8k tokens SmolLM2 was trained on, where its
+      full prompt (12-22k tokens) gets noise after a 2-minute CPU prefill.
     """
     parts = [f"ANTHROPIC_BASE_URL=http://127.0.0.1:{proxy_port}", "ANTHROPIC_API_KEY=local"]
     if max_context:
@@ -58,10 +61,13 @@ def claude_env(proxy_port: int, max_context: int | None, max_output: int | None)
     if max_output:
         parts.append(f"CLAUDE_CODE_MAX_OUTPUT_TOKENS={max_output}")
     parts += ["CLAUDE_STREAM_IDLE_TIMEOUT_MS=1800000", "API_TIMEOUT_MS=1800000"]
+    if bare:
+        parts.append(f"{BARE_MODE}=1")
     return " ".join(parts)
 
 
 LOCAL_MODEL_NAME = "claude-ccwarm-local"
+BARE_MODE = "CLAUDE_CODE_SIMPLE"
 
 
 def banner(proxy_port: int, upstream: str, tool: str, token: str | None = None, env_line: str = "") -> str:
@@ -71,6 +77,13 @@ def banner(proxy_port: int, upstream: str, tool: str, token: str | None = None, 
             f"\nmitmweb's UI: http://127.0.0.1:{WEB_PORT}/?token={token} "
             "(flows that break the cached prefix are marked)\n"
         )
+    bare = ""
+    if f"{BARE_MODE}=1" in env_line.split():
+        bare = (
+            f"\n{BARE_MODE}=1 is `claude --bare`: Claude Code's short prompt, which the bundled 135M model\n"
+            "(trained on 8k tokens) answers in seconds. Its full prompt is 12-22k tokens: a 2-minute CPU\n"
+            "prefill, then noise. For real work pass a real model: make run MODEL=..."
+        )
     return f"""
 ccwarm is running: proxy 127.0.0.1:{proxy_port} -> {upstream}
 {web}
@@ -79,7 +92,7 @@ Point Claude Code (npm install -g @anthropic-ai/claude-code; node >= 22) at the 
     {env_line} claude
 
 (any API key works unless the server was started with --api-key). The proxy strips the billing
-header, so CLAUDE_CODE_ATTRIBUTION_HEADER=0 is not needed; it is harmless if set.
+header, so CLAUDE_CODE_ATTRIBUTION_HEADER=0 is not needed; it is harmless if set.{bare}
 First start with a fresh HOME: put {{"hasCompletedOnboarding": true}} in ~/.claude.json, then
 answer "Yes, I trust this folder" and "Yes" to "use this API key" (its default is No).
 Watch this log: one 'normalize: dropped system[0] ...' line per request, a warning for anything
@@ -148,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for_port(WEB_PORT, proxy)
             local = args.upstream is None
             env_line = claude_env(
-                args.proxy_port, args.max_context if local else None, args.max_output_tokens if local else None
+                args.proxy_port,
+                args.max_context if local else None,
+                args.max_output_tokens if local else None,
+                bare=local and not args.model,
             )
             print(banner(args.proxy_port, upstream, tool, token, env_line), flush=True)
             children = [proxy] + ([server.proc] if args.upstream is None else [])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -123,6 +124,39 @@ def test_make_run_serves_claude_code_through_the_proxy(tiny_model_dir: Path, tmp
         assert run.proc.wait(60) == 0, run.output[-3000:]
         assert not listening(proxy_port) and not listening(server_port)
         assert "Traceback" not in run.output, run.output[-3000:]  # Ctrl-C is a normal stop
+    finally:
+        run.stop()
+
+
+def test_make_run_with_the_bundled_model_answers_the_real_cli_in_seconds(tmp_path: Path) -> None:
+    """First contact as the README tells it: `make run` with no model (the bundled SmolLM2 is
+    converted into a fresh cache), its banner's line (bare mode: a prompt inside the 8k tokens the
+    model was trained on), the real `claude -p "say hi"`, sampled at the model card's settings."""
+    from ccwarm.testing.claude_runs import ensure_cli
+
+    cli = ensure_cli()
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / ".claude.json").write_text('{"hasCompletedOnboarding": true}')
+    proxy_port = free_port()
+    run = Launcher(
+        "--proxy-port", str(proxy_port), "--server-port", str(free_port()), "--cache-dir", str(tmp_path / "cache")
+    )
+    try:
+        run.wait_for("Ctrl-C stops everything", timeout=600)
+        line = next(x for x in run.output.splitlines() if x.strip().startswith("ANTHROPIC_BASE_URL="))
+        assert line.split()[-2:] == ["CLAUDE_CODE_SIMPLE=1", "claude"], line
+        assert "sampling where a request sets none: temperature 0.2, top_p 0.9 (from " in run.output
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE"))}
+        env.update(dict(part.split("=", 1) for part in line.split()[:-1]))
+        env.update({"HOME": str(home), "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "NO_COLOR": "1"})
+        answer = subprocess.run(
+            [str(cli), "-p", "say hi"], cwd=work, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert answer.returncode == 0 and answer.stdout.strip(), (answer.stdout, answer.stderr[-2000:])
+        prompts = [int(n) for n in re.findall(r" prompt=(\d+) restored=", run.output)]
+        assert len(prompts) == 1 and 500 < prompts[0] < 8192, run.output[-3000:]
     finally:
         run.stop()
 
