@@ -312,6 +312,7 @@ def build_params(
         top_p=sampling.top_p if req.top_p is None else req.top_p,
         top_k=sampling.top_k if req.top_k is None else req.top_k,
         min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty,
         stop_sequences=req.stop_sequences,
         tool_syntax=syntax,
         json_schema=req.json_schema,

@@ -29,7 +29,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
 
 from cache_backend.cpu_decode import NumpyDecoder
 from cache_backend.detok import IncrementalDetokenizer
@@ -50,6 +50,9 @@ log = logging.getLogger("cache_backend.engine")
 
 
 WARMUP_TOKENS = 128
+# The tokens a repetition penalty looks back over (mlx-lm's default): the prompt's last ones, then
+# the answer's.
+REPETITION_WINDOW = 20
 
 # What a job gets when the server stops before it is done: clients retry overloaded errors.
 SHUTTING_DOWN = Failed("the server is shutting down; retry this request", error_type="overloaded_error")
@@ -258,6 +261,9 @@ class Engine:
             json_mode=p.json_schema is not None,
         )
         sampler = make_sampler(p.temperature, top_p=p.top_p, min_p=p.min_p, top_k=p.top_k)
+        penalize = None
+        if p.repetition_penalty != 1.0:
+            penalize = make_repetition_penalty(p.repetition_penalty, REPETITION_WINDOW)
         detok = IncrementalDetokenizer(self.tokenizer)
         forced = iter(p.forced_tokens)
         out: list[int] = []
@@ -272,6 +278,8 @@ class Engine:
                 break
             tok = next(forced, None)
             if tok is None:
+                if penalize is not None:
+                    logits = penalize(mx.array((prompt[-REPETITION_WINDOW:] + out)[-REPETITION_WINDOW:]), logits)
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 tok = int(sampler(logprobs).item())
             out.append(tok)

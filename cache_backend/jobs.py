@@ -24,6 +24,7 @@ class GenerationParams:
     top_p: float = 0.0  # 0: no truncation
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off
     stop_sequences: tuple[str, ...] = ()
     tool_syntax: ToolCallSyntax | None = None
     json_schema: dict[str, Any] | None = None

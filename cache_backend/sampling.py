@@ -27,6 +27,7 @@ class SamplingDefaults:
     top_p: float = 0.0
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
     source: str = "the Anthropic API's defaults"
 
     @classmethod
@@ -49,6 +50,7 @@ class SamplingDefaults:
             "top_p": _number(config, "top_p", path, 0.0, 1.0),
             "top_k": _count(config, "top_k", path),
             "min_p": _number(config, "min_p", path, 0.0, 1.0),
+            "repetition_penalty": _number(config, "repetition_penalty", path, 1.0, 2.0),
         }
         found = {k: v for k, v in found.items() if v is not None}
         if not found:
@@ -57,7 +59,10 @@ class SamplingDefaults:
 
     def describe(self) -> str:
         parts = [f"temperature {self.temperature:g}"]
-        parts += [f"{k} {v:g}" for k, v in (("top_p", self.top_p), ("top_k", self.top_k), ("min_p", self.min_p)) if v]
+        truncations = (("top_p", self.top_p), ("top_k", self.top_k), ("min_p", self.min_p))
+        parts += [f"{k} {v:g}" for k, v in truncations if v]
+        if self.repetition_penalty != 1.0:
+            parts.append(f"repetition_penalty {self.repetition_penalty:g}")
         return f"{', '.join(parts)} (from {self.source})"
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import queue
+import shutil
 import sys
 import tempfile
 import time
@@ -135,20 +136,23 @@ def main() -> int:
     }
     rows = []
     runs = [(a, d) for a in args.attention for d in args.decoder if a != "mlx" or d == "mlx"]
-    for attention, decoder in runs:
-        for name, path in models.items():
-            rows += bench_model(name, path, args.sizes, args.decode, attention, decoder)
-        if args.default_sizes:
-            from cache_backend.default_model import ensure_default_model
+    try:
+        for attention, decoder in runs:
+            for name, path in models.items():
+                rows += bench_model(name, path, args.sizes, args.decode, attention, decoder)
+            if args.default_sizes:
+                from cache_backend.default_model import ensure_default_model
 
-            rows += bench_model(
-                "SmolLM2-135M (default)",
-                str(ensure_default_model(args.cache_dir)),
-                args.mlx_default_sizes if attention == "mlx" else args.default_sizes,
-                args.decode,
-                attention,
-                decoder,
-            )
+                rows += bench_model(
+                    "SmolLM2-135M (default)",
+                    str(ensure_default_model(args.cache_dir)),
+                    args.mlx_default_sizes if attention == "mlx" else args.default_sizes,
+                    args.decode,
+                    attention,
+                    decoder,
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # only the tiny models live there
 
     print(
         f"\n{'model':<42}{'attention':>10}{'decoder':>8}{'prompt':>8}{'TTFT s':>9}{'prefill tok/s':>15}"

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -145,16 +146,22 @@ def main() -> int:
                 work / "tiny-model", seed=0, num_layers=1, hidden_size=args.hidden, intermediate_size=4 * args.hidden
             )
         )
-    if args.scenario in ("all", "current"):
-        current = run_current(model, work, args.restarts, args.current_turns)
-        current["summary"] = summarize_current(current, kv_bytes_per_token(_config(model)))
-        current["machine"] = _machine()
-        (args.out / "bench_cache_current.json").write_text(json.dumps(current, indent=2))
-        chart_current(current, args.out / "bench_cache_current.png")
-        print_current(current["summary"])
-        print(f"\nwrote {args.out / 'bench_cache_current.json'} and {args.out / 'bench_cache_current.png'}")
-    if args.scenario in ("all", "classic"):
-        run_classic(args, model, work)
+    try:
+        if args.scenario in ("all", "current"):
+            current = run_current(model, work, args.restarts, args.current_turns)
+            current["summary"] = summarize_current(current, kv_bytes_per_token(_config(model)))
+            current["machine"] = _machine()
+            (args.out / "bench_cache_current.json").write_text(json.dumps(current, indent=2))
+            chart_current(current, args.out / "bench_cache_current.png")
+            print_current(current["summary"])
+            print(f"\nwrote {args.out / 'bench_cache_current.json'} and {args.out / 'bench_cache_current.png'}")
+        if args.scenario in ("all", "classic"):
+            run_classic(args, model, work)
+    finally:
+        # The servers' KV caches run to gigabytes a run; their logs are what is worth keeping.
+        for cache in work.glob("cache-*"):
+            shutil.rmtree(cache, ignore_errors=True)
+        print(f"server logs in {work}")
     return 0
 
 

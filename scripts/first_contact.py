@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         result["totals"] = summary(reqs)
     finally:
         stack.stop()
+        shutil.rmtree(root / "cache" / "kv", ignore_errors=True)  # ~0.5-1.5 GB of KV blocks; logs stay
     print(json.dumps(result["totals"], indent=1))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cache_backend.default_model import (
-    CARD_SAMPLING,
+    BUNDLED_SAMPLING,
     DEFAULT_MODEL_NAME,
     MARKER_NAME,
     default_model_metadata,
@@ -73,8 +73,8 @@ def test_layout(converted: tuple[Path, Path, float]) -> None:
     assert cfg["eos_token_id"] == 2
 
     generation = json.loads((path / "generation_config.json").read_text())
-    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, **CARD_SAMPLING}
-    assert CARD_SAMPLING == {"temperature": 0.2, "top_p": 0.9}  # the model card's
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, **BUNDLED_SAMPLING}
+    assert BUNDLED_SAMPLING == {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
 
     tcfg = json.loads((path / "tokenizer_config.json").read_text())
     assert tcfg["eos_token"] == "<|im_end|>"

@@ -147,7 +147,8 @@ def test_make_run_with_the_bundled_model_answers_the_real_cli_in_seconds(tmp_pat
         run.wait_for("Ctrl-C stops everything", timeout=600)
         line = next(x for x in run.output.splitlines() if x.strip().startswith("ANTHROPIC_BASE_URL="))
         assert line.split()[-2:] == ["CLAUDE_CODE_SIMPLE=1", "claude"], line
-        assert "sampling where a request sets none: temperature 0.2, top_p 0.9 (from " in run.output
+        sampling = "temperature 0.2, top_p 0.9, repetition_penalty 1.1"
+        assert f"sampling where a request sets none: {sampling} (from " in run.output
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE"))}
         env.update(dict(part.split("=", 1) for part in line.split()[:-1]))
         env.update({"HOME": str(home), "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "NO_COLOR": "1"})

@@ -2,7 +2,8 @@
 
 Units for reading the file (each bad value named with its file and key), then a real server on the
 tiny model: with `temperature: 0` in the model's file, a request that sets no temperature answers
-exactly as a greedy one, and `--sampling api` goes back to the API's temperature 1.
+exactly as a greedy one, `--sampling api` goes back to the API's temperature 1, and a repetition
+penalty in the file changes what greedy decoding picks.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ def _model_with(src: Path, dest: Path, **sampling: object) -> Path:
 
 
 def test_values_come_from_the_file_and_the_rest_from_the_api(tmp_path: Path) -> None:
-    (tmp_path / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": 2, "temperature": 0.7, "top_k": 20}))
+    config = {"eos_token_id": 2, "temperature": 0.7, "top_k": 20, "repetition_penalty": 1.05}
+    (tmp_path / GENERATION_CONFIG).write_text(json.dumps(config))  # Qwen2.5's, less top_p
     found = SamplingDefaults.from_model_dir(tmp_path)
     assert (found.temperature, found.top_p, found.top_k, found.min_p) == (0.7, 0.0, 20, 0.0)
-    assert found.describe() == f"temperature 0.7, top_k 20 (from {tmp_path / GENERATION_CONFIG})"
+    assert found.repetition_penalty == 1.05
+    assert found.describe() == (
+        f"temperature 0.7, top_k 20, repetition_penalty 1.05 (from {tmp_path / GENERATION_CONFIG})"
+    )
 
 
 @pytest.mark.parametrize("content", [None, {"eos_token_id": 2}, {"temperature": None}])
@@ -54,6 +59,7 @@ def test_no_sampling_in_the_folder_means_the_apis_defaults(tmp_path: Path, conte
         ('{"top_k": -1}', "top_k must be a non-negative integer, got -1"),
         ('{"top_k": 2.5}', "top_k must be a non-negative integer, got 2.5"),
         ('{"min_p": -0.1}', "min_p must be a number from 0 to 1, got -0.1"),
+        ('{"repetition_penalty": 0.9}', "repetition_penalty must be a number from 1 to 2, got 0.9"),
         ("[1, 2]", "expected a JSON object, got list"),
         ("{not json", "not readable JSON"),
     ],
@@ -101,6 +107,21 @@ def test_a_silent_request_samples_as_the_model_file_says(tiny_model_dir: Path, t
             assert "sampling where a request sets none: temperature 1 (from the Anthropic API's defaults)" in (
                 log.read_text()
             )
+
+
+def test_a_repetition_penalty_in_the_file_changes_greedy_answers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    answers = {}
+    for name, penalty in (("plain", 1.0), ("penalized", 1.5)):
+        model = _model_with(tiny_model_dir, tmp_path / name, temperature=0.0, repetition_penalty=penalty)
+        srv = ServerProcess(model, tmp_path / name / "server.log")
+        try:
+            client = anthropic.Anthropic(base_url=srv.url, api_key="x", max_retries=0, timeout=60)
+            answers[name] = [_answer(client) for _ in range(2)]
+        finally:
+            srv.stop()
+    assert answers["plain"][0] == answers["plain"][1] and answers["penalized"][0] == answers["penalized"][1]
+    assert answers["plain"] != answers["penalized"]
+    assert "repetition_penalty 1.5 (from " in (tmp_path / "penalized" / "server.log").read_text()
 
 
 def test_a_bad_generation_config_stops_the_server_with_its_name(tiny_model_dir: Path, tmp_path: Path) -> None:
