@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         result["totals"] = summary(reqs)
     finally:
         stack.stop()
-        shutil.rmtree(root / "cache" / "kv", ignore_errors=True)  # ~0.5-1.5 GB of KV blocks; logs stay
+        shutil.rmtree(root / "cache", ignore_errors=True)  # the model and KV blocks, 1-2 GB; logs stay
     print(json.dumps(result["totals"], indent=1))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
