@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("model", "api"),
         default="model",
         help="for the settings a request leaves unset (Claude Code sends no temperature with thinking on): "
-        "model: the model's generation_config.json (temperature, top_p, top_k, min_p), as vLLM does; "
+        "model: the model's generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), "
+        "as vLLM does; "
         "api: the Anthropic API's (temperature 1, no truncation)",
     )
     ap.add_argument("--log-level", default="INFO")

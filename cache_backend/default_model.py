@@ -42,9 +42,10 @@ DEQUANTIZE_ENV = "CCWARM_DEFAULT_MODEL_DEQUANTIZE"
 # Written into generation_config.json (the GGUF carries no sampling), where sampling.py picks it
 # up for what a request leaves unset. Temperature and top_p are what the model card
 # (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) samples with: at temperature 1 this model
-# answers noise. The repetition penalty is Ollama's default: at the card's settings alone it
-# repeated itself to the 400-token limit in 5 of 6 answers to "What does this folder hold?"
-# (Claude Code's bare prompt), with 1.1 in 2 of 6 (1.2: 3 of 6).
+# answers noise. The repetition penalty is Ollama's default (1.1 over the last 64 tokens): at the
+# card's settings alone it repeated itself to the 400-token limit in 5 of 6 answers to "What does
+# this folder hold?" (Claude Code's bare prompt), over the last 20 tokens in 2 of 6, over 64 in
+# 0 of 8.
 BUNDLED_SAMPLING = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}
 
 

@@ -50,9 +50,10 @@ log = logging.getLogger("cache_backend.engine")
 
 
 WARMUP_TOKENS = 128
-# The tokens a repetition penalty looks back over (mlx-lm's default): the prompt's last ones, then
-# the answer's.
-REPETITION_WINDOW = 20
+# The tokens a repetition penalty looks back over, the prompt's last ones and then the answer's:
+# Ollama's default. mlx-lm's 20 misses a repeated sentence longer than that (the bundled model
+# looped on one of ~35 tokens).
+REPETITION_WINDOW = 64
 
 # What a job gets when the server stops before it is done: clients retry overloaded errors.
 SHUTTING_DOWN = Failed("the server is shutting down; retry this request", error_type="overloaded_error")
@@ -279,7 +280,8 @@ class Engine:
             tok = next(forced, None)
             if tok is None:
                 if penalize is not None:
-                    logits = penalize(mx.array((prompt[-REPETITION_WINDOW:] + out)[-REPETITION_WINDOW:]), logits)
+                    recent = (prompt[-REPETITION_WINDOW:] + out[-REPETITION_WINDOW:])[-REPETITION_WINDOW:]
+                    logits = penalize(mx.array(recent), logits)
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 tok = int(sampler(logprobs).item())
             out.append(tok)

@@ -5,8 +5,9 @@ Claude Code names nothing on its main requests (with thinking on it sends no tem
 local model's card often asks for something else, and a small one needs it: at temperature 1 the
 bundled SmolLM2-135M answers "say hi" with 8,192 tokens of noise, at its card's temperature 0.2
 and top_p 0.9 with "Hello! ..." in 23 tokens. So, as vLLM and Ollama do, the server reads the
-model folder's `generation_config.json` (`temperature`, `top_p`, `top_k`, `min_p`) and uses each
-value a request does not set itself; `--sampling api` keeps the API's defaults instead.
+model folder's `generation_config.json` (`temperature`, `top_p`, `top_k`, and `min_p` and
+`repetition_penalty`, which the API has no field for) and uses each value a request does not set
+itself; `--sampling api` keeps the API's defaults instead.
 """
 
 from __future__ import annotations
