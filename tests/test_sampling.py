@@ -32,7 +32,7 @@ def _model_with(src: Path, dest: Path, **sampling: object) -> Path:
 
 def test_values_come_from_the_file_and_the_rest_from_the_api(tmp_path: Path) -> None:
     config = {"eos_token_id": 2, "temperature": 0.7, "top_k": 20, "repetition_penalty": 1.05}
-    (tmp_path / GENERATION_CONFIG).write_text(json.dumps(config))  # Qwen2.5's, less top_p
+    (tmp_path / GENERATION_CONFIG).write_text(json.dumps(config))
     found = SamplingDefaults.from_model_dir(tmp_path)
     assert (found.temperature, found.top_p, found.top_k, found.min_p) == (0.7, 0.0, 20, 0.0)
     assert found.repetition_penalty == 1.05
