@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from run_stack import BARE_MODE
 from tqdm import tqdm
 
 from ccwarm.claude_cli import cli_version, ensure_cli
@@ -44,7 +45,7 @@ from ccwarm.testing.tmux import TerminalError, Tmux, wait_screen
 
 TURN_TIMEOUT = 1800.0
 DEFAULT_JSON = REPO / "artifacts" / "first_contact.json"
-BARE = "CLAUDE_CODE_SIMPLE=1"  # what run_stack.claude_env adds for the bundled model
+BARE = f"{BARE_MODE}=1"  # what make run's line carries for the bundled model
 
 
 class Stack:
